@@ -1,0 +1,93 @@
+"""The llama.cpp drafter: any GGUF model run by llama-cpp-python, drafting one token at a time.
+
+Only the last position's logits are kept (``logits_all=False``), read straight from the context
+with ``llama_get_logits_ith(ctx, -1)``; sampling is done by the caller in numpy, never by
+``Llama.sample()`` (whose default top-k/top-p/min-p would silently change q). Rollback sets
+``Llama.n_tokens``: llama.cpp then overwrites the stale KV entries on the next eval, which gives
+bit-identical results to a fresh run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+DRAFTER_BUILD_HINT = "python tools/build_models.py"
+
+
+class LlamaCppDrafter:
+    def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
+                 f32_kv: bool = False, name: str | None = None) -> None:
+        model_path = Path(model_path)
+        if not model_path.exists():
+            raise FileNotFoundError(f"drafter model not found: {model_path}; build the shipped models with "
+                                    f"`{DRAFTER_BUILD_HINT}`")
+        import llama_cpp
+
+        self._lib = llama_cpp
+        kwargs = {}
+        if f32_kv:  # float32 KV cache: logits then match a float32 torch reference to ~1e-6
+            kwargs.update(type_k=0, type_v=0)
+        self._llm = llama_cpp.Llama(
+            model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=False,
+            n_threads=n_threads or max(1, min(4, os.cpu_count() or 1)), verbose=False, **kwargs)
+        self.name = name or model_path.stem
+        self.model_path = model_path
+        self._tokens: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self._llm.n_vocab()
+
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def reset(self, tokens: list[int]) -> None:
+        self._tokens = list(tokens)
+        self._llm.n_tokens = 0
+
+    def append(self, token: int) -> None:
+        self._tokens.append(int(token))
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= len(self._tokens):
+            raise ValueError(f"cannot truncate a sequence of {len(self._tokens)} tokens to {length}")
+        del self._tokens[length:]
+        self._llm.n_tokens = min(self._llm.n_tokens, length)
+
+    def logits(self) -> np.ndarray:
+        if not self._tokens:
+            raise ValueError("the drafter has no tokens: call reset() with a non-empty prompt first")
+        if len(self._tokens) > self.n_ctx:
+            raise ValueError(f"sequence of {len(self._tokens)} tokens exceeds the drafter's context {self.n_ctx}")
+        evaluated = self._llm.n_tokens
+        if evaluated == len(self._tokens):  # nothing new: re-evaluate the last token to get its logits
+            evaluated -= 1
+            self._llm.n_tokens = evaluated
+        self._llm.eval(self._tokens[evaluated:])
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).astype(np.float32, copy=True)
+
+    def token_pieces(self) -> list[bytes]:
+        vocab = self._lib.llama_model_get_vocab(self._llm.model)
+        out = []
+        for i in range(self.vocab_size):
+            text = self._lib.llama_vocab_get_text(vocab, i)
+            out.append(text if isinstance(text, bytes) else bytes(text or b""))
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        self._llm.close()
