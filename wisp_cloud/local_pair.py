@@ -1,0 +1,69 @@
+"""A drafter and the target joined in one process: the vocabulary check, the engine, the chat prompt.
+
+Used by `wisp-cloud generate`, the lossless tests and the benchmarks; the networked path
+replaces `InProcessVerifier` with the HTTP client and keeps everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wisp_cloud.inprocess import InProcessVerifier
+from wisp_cloud.model.loader import load_model
+from wisp_cloud.model.transformer import Transformer
+from wisp_cloud.tokenizer import target_token_pieces
+from wisp_cloud.verifier import Verifier
+from wisp_edge.chat import render_chat
+from wisp_edge.drafters import MODELS_DIR, load_drafter
+from wisp_edge.drafters.base import Drafter
+from wisp_edge.engine import DraftPolicy, SpeculativeEngine
+from wisp_edge.vocab import check_same_vocab, fingerprint
+
+DEFAULT_TARGET = MODELS_DIR / "target"
+
+
+@dataclass
+class LocalPair:
+    model: Transformer
+    target_dir: Path
+    drafter: Drafter
+    vocab_fingerprint: str
+
+    @classmethod
+    def load(cls, drafter: str | Path = "q4", target_dir: str | Path = DEFAULT_TARGET, *, n_threads: int | None = None,
+             dtype: torch.dtype = torch.float32, model: Transformer | None = None) -> "LocalPair":
+        target_dir = Path(target_dir)
+        model = model or load_model(target_dir, dtype=dtype)
+        draft = load_drafter(drafter, n_threads=n_threads)
+        target_pieces = target_token_pieces(target_dir, model.args.vocab_size)
+        check_same_vocab(draft.token_pieces(), target_pieces, drafter_name=f"drafter {draft.name}",
+                         target_name=f"target {target_dir}")
+        return cls(model, target_dir, draft, fingerprint(target_pieces))
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.model.args.eos_token_ids)
+
+    def engine(self, policy: DraftPolicy | None = None) -> SpeculativeEngine:
+        backend = InProcessVerifier(Verifier(self.model), vocab_fingerprint=self.vocab_fingerprint)
+        return SpeculativeEngine(self.drafter, backend, policy, eos_ids=self.eos_ids,
+                                 vocab_fingerprint=self.vocab_fingerprint)
+
+    def chat_prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        return self.drafter.tokenize(chat_prompt_text(self.target_dir, messages))
+
+
+def chat_prompt_text(target_dir: Path, messages: list[dict]) -> str:
+    config_path = target_dir / "tokenizer_config.json"
+    special = json.loads(config_path.read_text()) if config_path.exists() else {}
+    template_path = target_dir / "chat_template.jinja"
+    template = template_path.read_text() if template_path.exists() else special.get("chat_template")
+    if not template:
+        raise ValueError(f"{target_dir} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    return render_chat(template, messages, bos_token=special.get("bos_token") or "",
+                       eos_token=special.get("eos_token") or "")

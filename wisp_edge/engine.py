@@ -1,0 +1,166 @@
+"""The edge round loop: draft -> verify -> commit -> roll back, yielding tokens as they are committed.
+
+The engine is the source of truth for committed tokens. It talks to any `VerifierBackend`
+(the in-process verifier here; the HTTP client for a remote one), and asks a draft-length
+policy when to stop drafting. Each yielded token says whether the drafter proposed it, so a
+UI can colour what the device got right.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from wisp_edge.drafters.base import Drafter
+from wisp_edge.protocol import SessionStart, SessionStarted, VerifyRequest, VerifyResult
+from wisp_edge.sampling import SamplingParams, probs_from_logits, sample, to_sparse
+
+
+class VerifierBackend(Protocol):
+    def start_session(self, request: SessionStart) -> SessionStarted: ...
+
+    def verify(self, request: VerifyRequest) -> VerifyResult: ...
+
+    def close_session(self, session_id: str) -> None: ...
+
+
+class DraftPolicy(Protocol):
+    """Decides the draft length; `FixedLength` here, the predictor-driven controller later."""
+
+    def max_draft(self) -> int: ...
+
+    def stop_after(self, index: int, probs: np.ndarray) -> bool: ...
+
+
+@dataclass
+class FixedLength:
+    """Draft exactly k tokens a round (the SLED baseline's fixed-length variant)."""
+
+    k: int = 4
+
+    def max_draft(self) -> int:
+        return self.k
+
+    def stop_after(self, index: int, probs: np.ndarray) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class CommittedToken:
+    id: int
+    from_draft: bool  # proposed by the drafter and accepted by the target
+    round: int
+
+
+@dataclass
+class RoundStats:
+    drafted: int
+    accepted: int
+    drafting_ms: float
+    wasted_drafting_ms: float  # time spent drafting tokens after the first rejected one
+    rtt_ms: float  # wall time of the verify call
+    verify_ms: float
+    queue_ms: float
+
+
+@dataclass
+class GenerationStats:
+    rounds: list[RoundStats] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    wall_s: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per verify round: accepted drafts + the target's own token."""
+        return (sum(r.accepted for r in self.rounds) / len(self.rounds) + 1.0) if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        drafted = sum(r.drafted for r in self.rounds)
+        return sum(r.accepted for r in self.rounds) / drafted if drafted else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens, "rounds": len(self.rounds), "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": round(self.new_tokens / self.wall_s, 2) if self.wall_s else 0.0,
+            "acceptance_rate": round(self.acceptance_rate, 4), "mean_accepted_per_round": round(self.mean_accepted, 3),
+            "drafted": sum(r.drafted for r in self.rounds), "accepted": sum(r.accepted for r in self.rounds),
+            "drafting_ms": round(sum(r.drafting_ms for r in self.rounds), 1),
+            "wasted_drafting_ms": round(sum(r.wasted_drafting_ms for r in self.rounds), 1),
+            "verify_ms": round(sum(r.verify_ms for r in self.rounds), 1), "prefill_ms": round(self.prefill_ms, 1),
+        }
+
+
+class SpeculativeEngine:
+    def __init__(self, drafter: Drafter, backend: VerifierBackend, policy: DraftPolicy | None = None, *,
+                 eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None) -> None:
+        self.drafter, self.backend = drafter, backend
+        self.policy = policy or FixedLength(4)
+        self.eos_ids = set(eos_ids)
+        self.vocab_fingerprint = vocab_fingerprint
+        self.stats = GenerationStats()
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int,
+                 params: SamplingParams = SamplingParams()) -> Iterator[CommittedToken]:
+        """Yield committed tokens until EOS (included) or max_new_tokens; `self.stats` fills as it goes."""
+        if max_new_tokens <= 0:
+            return
+        self.stats = stats = GenerationStats()
+        start = time.perf_counter()
+        rng = np.random.default_rng(params.seed)
+        started = self.backend.start_session(SessionStart(list(prompt_ids), params, self.vocab_fingerprint))
+        stats.prefill_ms = started.prefill_ms
+        committed = [*prompt_ids, started.first_token]
+        stats.new_tokens = 1
+        yield CommittedToken(started.first_token, False, 0)
+        try:
+            if started.first_token in self.eos_ids:
+                return
+            self.drafter.reset(committed)
+            round_no = 0
+            while stats.new_tokens < max_new_tokens:
+                round_no += 1
+                # At most remaining-1 drafts, so accepted + the target's token never overshoot the budget.
+                budget = min(self.policy.max_draft(), max_new_tokens - stats.new_tokens - 1)
+                drafts, qs, draft_times = self._draft(budget, params, rng)
+                t0 = time.perf_counter()
+                result = self.backend.verify(VerifyRequest(
+                    started.session_id, len(committed), drafts, None if params.greedy else qs, round_no,
+                    drafting_ms=sum(draft_times)))
+                rtt_ms = (time.perf_counter() - t0) * 1000
+                accepted = result.accepted
+                wasted = sum(draft_times[accepted + 1:])
+                stats.rounds.append(RoundStats(len(drafts), accepted, sum(draft_times), wasted, rtt_ms,
+                                               result.verify_ms, result.queue_ms))
+                new = [*drafts[:accepted], result.token]
+                self.drafter.truncate(len(committed) + accepted)
+                self.drafter.append(result.token)
+                committed.extend(new)
+                for i, token in enumerate(new):
+                    stats.new_tokens += 1
+                    yield CommittedToken(token, i < accepted, round_no)
+                    if token in self.eos_ids:
+                        return
+        finally:
+            stats.wall_s = time.perf_counter() - start
+            self.backend.close_session(started.session_id)
+
+    def _draft(self, budget: int, params: SamplingParams, rng: np.random.Generator):
+        drafts, qs, times = [], [], []
+        for index in range(budget):
+            t0 = time.perf_counter()
+            q = probs_from_logits(self.drafter.logits(), params)
+            token = int(np.argmax(q)) if params.greedy else sample(q, rng)
+            self.drafter.append(token)
+            drafts.append(token)
+            if not params.greedy:
+                qs.append(to_sparse(q))
+            times.append((time.perf_counter() - t0) * 1000)
+            if token in self.eos_ids or self.policy.stop_after(index, q):
+                break
+        return drafts, qs, times
