@@ -85,11 +85,33 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                   "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    _save_tokenizer(gguf_path, out_dir)
+    _save_tokenizer(gguf_path, out_dir, _field(reader, "tokenizer.ggml.pre"))
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+# llama.cpp pre-tokenizer names whose regex splits every digit off before byte-level BPE.
+_DIGIT_SPLITTING_PRE = {"smollm"}
+
+
+def _save_tokenizer(gguf_path: Path, out_dir: Path, pre: str | None = None) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(str(out_dir))
+    if pre in _DIGIT_SPLITTING_PRE:
+        split_digits(out_dir / "tokenizer.json")
+
+
+def split_digits(tokenizer_json: Path) -> None:
+    """Put the individual-digit split in front of the byte-level pre-tokenizer.
+
+    transformers' GGUF tokenizer conversion keeps only ByteLevel, but llama.cpp's "smollm"
+    pre-tokenizer (like the original SmolLM2 tokenizer) first splits each digit off, so
+    "  5" would be two tokens in one and three in the other. Idempotent.
+    """
+    data = json.loads(tokenizer_json.read_text())
+    pre = data["pre_tokenizer"]
+    if pre.get("type") == "Sequence" and any(p.get("type") == "Digits" for p in pre["pretokenizers"]):
+        return
+    data["pre_tokenizer"] = {"type": "Sequence",
+                             "pretokenizers": [{"type": "Digits", "individual_digits": True}, pre]}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
