@@ -32,11 +32,11 @@ def target_model():
 def q4_pair(target_model):
     from wisp_cloud.local_pair import LocalPair
 
-    return LocalPair.load("q4", MODELS / "target", model=target_model, n_threads=2)
+    return LocalPair.load("q4", MODELS / "target", model=target_model, n_threads=1)
 
 
 @pytest.fixture(scope="session")
 def student_pair(target_model):
     from wisp_cloud.local_pair import LocalPair
 
-    return LocalPair.load("student", MODELS / "target", model=target_model, n_threads=2)
+    return LocalPair.load("student", MODELS / "target", model=target_model, n_threads=1)

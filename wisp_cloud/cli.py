@@ -24,7 +24,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch and drafter threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
+    p.add_argument("--drafter-threads", type=int, default=1,
+                   help="drafter threads; one keeps llama.cpp's spinning pool off the target's cores")
     p.add_argument("--compare", action="store_true", help="also decode with the target alone and print the speed-up")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_generate)
@@ -41,7 +43,7 @@ def _generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    pair = LocalPair.load(args.drafter, args.model or DEFAULT_TARGET, n_threads=args.threads)
+    pair = LocalPair.load(args.drafter, args.model or DEFAULT_TARGET, n_threads=args.drafter_threads)
     prompt_ids = pair.chat_prompt_ids(args.chat) if args.chat else pair.drafter.tokenize(args.prompt)
     engine = pair.engine(FixedLength(args.draft_length))
     tokens = []
