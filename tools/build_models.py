@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wisp_cloud.convert.shipped_pair import MODELS_DIR, build_target  # noqa: E402
+from wisp_cloud.convert.shipped_pair import MODELS_DIR, build_student, build_target  # noqa: E402
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     build_target(args.models_dir)
+    build_student(args.models_dir)
     print(f"models ready in {args.models_dir} ({time.perf_counter() - t0:.1f} s)")
 
 

@@ -66,8 +66,10 @@ def stamp_matches(out_dir: Path, source_sha: str) -> bool:
                for name, digest in recorded["files"].items())
 
 
-def write_stamp(out_dir: Path, source_sha: str, command: str) -> None:
-    files = {p.name: sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != STAMP}
+def write_stamp(out_dir: Path, source_sha: str, command: str, names: list[str] | None = None) -> None:
+    """Record the source checksum and every output's (all files in out_dir, or `names` relative to it)."""
+    paths = [out_dir / n for n in names] if names else [p for p in sorted(out_dir.iterdir()) if p.is_file()]
+    files = {str(p.relative_to(out_dir)): sha256(p) for p in paths if p.name != STAMP}
     stamp = {"source_sha256": source_sha, "command": command, "files": files}
     (out_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
@@ -87,3 +89,32 @@ def build_target(models_dir: Path = MODELS_DIR, log=print) -> Path:
     convert_gguf_to_hf(gguf_path, out_dir)
     write_stamp(out_dir, SMOLLM2_GGUF_SHA256, "python tools/build_models.py")
     return out_dir
+
+
+STUDENT_OUTPUTS = ["hf/model.safetensors", "student-f32.gguf", "student-q8_0.gguf", "student.onnx"]
+
+
+def build_student(models_dir: Path = MODELS_DIR, log=print) -> Path | None:
+    """models/student: the committed student weights assembled with the target's embedding, then
+    converted to GGUF (f32, q8_0) for llama.cpp and ONNX for onnxruntime."""
+    from wisp_cloud.convert.hf_to_gguf import convert_hf_to_gguf
+    from wisp_cloud.convert.hf_to_onnx import export_onnx
+    from wisp_cloud.distill.train import assemble
+
+    student_dir, target_dir = models_dir / "student", models_dir / "target"
+    weights = student_dir / "student_layers.safetensors"
+    if not weights.exists():
+        log(f"no student weights at {weights}: skipping the student drafter")
+        return None
+    source = hashlib.sha256((sha256(weights) + sha256(student_dir / "config.json")
+                             + sha256(target_dir / "model.safetensors")).encode()).hexdigest()
+    if stamp_matches(student_dir, source):
+        log(f"student drafter up to date: {student_dir}")
+        return student_dir
+    log("assembling the student checkpoint and converting it to GGUF and ONNX ...")
+    hf_dir = assemble(student_dir, target_dir, student_dir / "hf")
+    for out_type in ("f32", "q8_0"):
+        convert_hf_to_gguf(hf_dir, student_dir / f"student-{out_type}.gguf", out_type=out_type, name="wisp-student")
+    export_onnx(hf_dir, student_dir / "student.onnx")
+    write_stamp(student_dir, source, "python tools/build_models.py", STUDENT_OUTPUTS)
+    return student_dir
