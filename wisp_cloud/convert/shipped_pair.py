@@ -97,10 +97,6 @@ STUDENT_OUTPUTS = ["hf/model.safetensors", "student-f32.gguf", "student-q8_0.ggu
 def build_student(models_dir: Path = MODELS_DIR, log=print) -> Path | None:
     """models/student: the committed student weights assembled with the target's embedding, then
     converted to GGUF (f32, q8_0) for llama.cpp and ONNX for onnxruntime."""
-    from wisp_cloud.convert.hf_to_gguf import convert_hf_to_gguf
-    from wisp_cloud.convert.hf_to_onnx import export_onnx
-    from wisp_cloud.distill.train import assemble
-
     student_dir, target_dir = models_dir / "student", models_dir / "target"
     weights = student_dir / "student_layers.safetensors"
     if not weights.exists():
@@ -112,6 +108,10 @@ def build_student(models_dir: Path = MODELS_DIR, log=print) -> Path | None:
         log(f"student drafter up to date: {student_dir}")
         return student_dir
     log("assembling the student checkpoint and converting it to GGUF and ONNX ...")
+    from wisp_cloud.convert.hf_to_gguf import convert_hf_to_gguf
+    from wisp_cloud.convert.hf_to_onnx import export_onnx
+    from wisp_cloud.distill.train import assemble
+
     hf_dir = assemble(student_dir, target_dir, student_dir / "hf")
     for out_type in ("f32", "q8_0"):
         convert_hf_to_gguf(hf_dir, student_dir / f"student-{out_type}.gguf", out_type=out_type, name="wisp-student")

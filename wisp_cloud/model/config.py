@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 @dataclass
@@ -42,9 +43,24 @@ class ModelArgs:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        # transformers 5 writes `rope_parameters` (rope_theta inside, rope_type "default" when unscaled);
+        # older configs write `rope_scaling` (None when unscaled, "type" in the oldest) beside `rope_theta`.
         scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3",):
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if rope_type == "default":
             scaling = None
+        # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented: it equals
+        # full attention while the whole sequence fits in the window, so cap the sequence length there.
+        max_seq_len = cfg.get("max_position_embeddings") or 8192
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            sliding = "sliding_attention" in layer_types
+        else:
+            sliding = model_type == "mistral" or bool(cfg.get("use_sliding_window"))
+        if sliding and cfg.get("sliding_window"):
+            max_seq_len = min(max_seq_len, int(cfg["sliding_window"]))
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -59,7 +75,7 @@ class ModelArgs:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3",
-            max_seq_len=cfg.get("max_position_embeddings", 8192),
+            max_seq_len=max_seq_len,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from wisp_cloud.model.config import ModelArgs
-from wisp_cloud.model.transformer import Transformer, rope_inv_freq
+from wisp_cloud.model.transformer import Transformer, rope_inv_freq, use_column_major_weights
 
 TARGET_BUILD_HINT = "python tools/build_models.py"
 
@@ -64,5 +64,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)
+    if model.device.type == "cpu":
+        use_column_major_weights(model)
     return model.eval()
 
