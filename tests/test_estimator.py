@@ -1,0 +1,200 @@
+"""The verification time estimator on synthetic profiles with known coefficients: pure numpy/scipy, seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wisp_cloud.estimator import (
+    FEATURE_NAMES,
+    Margin,
+    TimeEstimator,
+    VerifyCost,
+    batch_features,
+    make_metadata,
+    split,
+)
+
+TRUE = (4.0, 0.03, 1e-5, 3e-4)  # ms: launch, per new token, per new token x length, per cached token
+
+
+def random_batch(rng: np.random.Generator) -> list[VerifyCost]:
+    """A mix of warm blocks (few new tokens, long cache) and cold prompts (many new tokens, little cache)."""
+    batch = []
+    for _ in range(int(rng.integers(1, 33))):
+        if rng.random() < 0.8:
+            batch.append(VerifyCost(int(rng.integers(1, 10)), int(rng.integers(50, 4000))))
+        else:
+            batch.append(VerifyCost(int(rng.integers(32, 2048)), int(rng.integers(0, 256))))
+    return batch
+
+
+def synthetic(n: int, coefficients=TRUE, noise=0.02, seed=0) -> list[tuple[list[VerifyCost], float]]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        batch = random_batch(rng)
+        clean = float(np.dot(coefficients, batch_features(batch)))
+        samples.append((batch, clean * (1 + noise * rng.standard_normal())))
+    return samples
+
+
+def test_verify_cost_derives_length_and_rejects_negatives():
+    assert VerifyCost(5, 100).total_len == 105
+    with pytest.raises(ValueError):
+        VerifyCost(-1, 0)
+
+
+def test_features_by_hand():
+    batch = [VerifyCost(2, 10), VerifyCost(100, 0)]
+    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0)
+
+
+def test_predict_is_the_additive_model():
+    est = TimeEstimator(TRUE)
+    batch = [VerifyCost(3, 500), VerifyCost(1000, 24)]
+    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524
+    assert est.predict(batch) == pytest.approx(expected)
+    # a batch is the intercept plus each member's marginal cost: the scheduler prices batches this way
+    assert est.predict(batch) == pytest.approx(est.c0 + sum(est.request_cost_ms(r) for r in batch))
+    assert est.predict_one(batch[0]) == pytest.approx(est.predict([batch[0]]))
+    assert est.predict([]) == 0.0
+
+
+def test_fit_recovers_coefficients_and_holds_out_well():
+    samples = synthetic(200)
+    est = TimeEstimator(metadata=make_metadata("synthetic", "cpu", "float32"))
+    report = est.fit_holdout(samples, holdout_fraction=0.3, seed=1)
+    assert report.n == 60
+    assert report.r2 > 0.99
+    assert report.mape_pct < 5.0
+    mean_ms = np.mean([ms for _, ms in samples])
+    assert report.mae_ms < 0.03 * mean_ms  # noise is 2% of each time
+    for got, want, name in zip(est.coefficients, TRUE, FEATURE_NAMES):
+        assert got == pytest.approx(want, rel=0.1), name
+    assert est.metadata["holdout"]["r2"] == report.r2 and est.metadata["fit"]["n"] == 140
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_fit_is_exact_without_noise(relative):
+    est = TimeEstimator(relative=relative)
+    report = est.fit(synthetic(50, noise=0.0))
+    assert report.r2 == pytest.approx(1.0) and report.mape_pct < 1e-6
+    np.testing.assert_allclose(est.coefficients, TRUE, rtol=1e-6)
+
+
+def test_relative_fit_beats_absolute_under_proportional_noise():
+    # Noise proportional to the time: absolute residuals let the big prefills drown the intercept.
+    errors = {True: [], False: []}
+    for seed in range(4):
+        fit_part, holdout = split(synthetic(200, noise=0.03, seed=seed), 0.3, seed=0)
+        for relative in errors:
+            est = TimeEstimator(relative=relative)
+            est.fit(fit_part)
+            errors[relative].append(est.evaluate(holdout).mape_pct)
+    assert np.mean(errors[True]) < np.mean(errors[False])
+
+
+def test_coefficients_stay_non_negative_when_data_pulls_one_negative():
+    # Times that fall with the cached prefix: unconstrained least squares would price cached tokens below zero.
+    pulling = (6.0, 0.03, 2e-6, -4e-4)
+    samples = [(b, max(ms, 0.5)) for b, ms in synthetic(120, coefficients=pulling, noise=0.01, seed=3)]
+    X = np.array([batch_features(b) for b, _ in samples])
+    y = np.array([ms for _, ms in samples])
+    unconstrained = np.linalg.lstsq(X, y, rcond=None)[0]
+    assert unconstrained[3] < 0  # the test means something: the data does push c3 negative
+    est = TimeEstimator()
+    est.fit(samples)
+    assert all(c >= 0 for c in est.coefficients)
+    assert est.c3 == 0.0  # clamped at the bound, not merely small
+    assert all(est.predict(b) > 0 for b, _ in samples)
+
+
+def test_margin_scales_and_adds_but_accuracy_ignores_it():
+    samples = synthetic(60, noise=0.0)
+    est = TimeEstimator(TRUE)
+    batch = samples[0][0]
+    raw = est.predict_raw(batch)
+    version = est.version
+    est.margin = Margin(scale=1.1, extra_ms=2.0)
+    assert est.version > version  # cached costs elsewhere must be redone
+    assert est.predict(batch) == pytest.approx(raw * 1.1 + 2.0)
+    assert est.predict_one(batch[0]) == pytest.approx((est.c0 + est.request_cost_ms(batch[0])) * 1.1 + 2.0)
+    assert est.evaluate(samples).mape_pct < 1e-9  # the margin is a deliberate bias, not a fit error
+    with pytest.raises(ValueError):
+        Margin(scale=0.0)
+    with pytest.raises(ValueError):
+        Margin(extra_ms=-1.0)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    samples = synthetic(20)
+    fit_a, hold_a = split(samples, 0.25, seed=7)
+    fit_b, hold_b = split(samples, 0.25, seed=7)
+    assert [id(s) for s in hold_a] == [id(s) for s in hold_b]
+    assert len(hold_a) == 5 and len(fit_a) == 15
+    assert {id(s) for s in fit_a} | {id(s) for s in hold_a} == {id(s) for s in samples}
+    assert not {id(s) for s in fit_a} & {id(s) for s in hold_a}
+    assert len(split(samples[:2], 0.01)[1]) == 1  # a holdout asked for is never empty
+    assert split(samples, 0.0)[1] == []
+    with pytest.raises(ValueError):
+        split(samples, 1.0)
+
+
+def test_too_few_samples_refuse_to_fit():
+    with pytest.raises(ValueError):
+        TimeEstimator().fit(synthetic(3))
+
+
+def test_save_load_round_trip(tmp_path):
+    est = TimeEstimator(margin=Margin(1.05, 0.5), metadata=make_metadata("SmolLM2-135M", "cpu", "float32"))
+    est.fit_holdout(synthetic(80), 0.25)
+    path = tmp_path / "profile.json"
+    est.save(path)
+    loaded = TimeEstimator.load(path)
+    assert loaded.coefficients == est.coefficients
+    assert loaded.margin == est.margin
+    assert loaded.metadata == est.metadata
+    assert loaded.metadata["model"] == "SmolLM2-135M" and loaded.metadata["dtype"] == "float32"
+    assert set(loaded.metadata["holdout"]) == {"n", "r2", "mae_ms", "mape_pct"}
+    assert len(loaded.profile) == len(est.profile) and loaded.profile[0] == (est.profile[0][0], est.profile[0][1])
+    batch = synthetic(1, seed=9)[0][0]
+    assert loaded.predict(batch) == est.predict(batch)
+    path.write_text(path.read_text().replace("wisp-estimator/1", "something-else"))
+    with pytest.raises(ValueError):
+        TimeEstimator.load(path)
+
+
+def test_online_refit_tracks_drift_in_a_bounded_window():
+    profile = synthetic(40, seed=0)
+    est = TimeEstimator(window=300, refit_every=50)
+    est.fit(profile)
+    slower = tuple(c * 1.5 for c in TRUE)  # the accelerator got slower (thermal throttling, a neighbour)
+    live = synthetic(400, coefficients=slower, seed=5)
+    before = est.evaluate(live[-100:]).mape_pct
+    refits = [est.observe(batch, ms) for batch, ms in live[:300]]
+    assert sum(refits) == 6 and refits[49] and not refits[48]
+    assert len(est.recent) == 300
+    for batch, ms in live[300:]:
+        est.observe(batch, ms)
+    assert len(est.recent) == 300  # bounded
+    after = est.evaluate(live[-100:]).mape_pct
+    assert after < before / 3
+    assert "online" in est.metadata
+
+
+def test_observe_ignores_useless_measurements():
+    est = TimeEstimator(TRUE, refit_every=1)
+    assert not est.observe([], 5.0)
+    assert not est.observe([VerifyCost(1, 1)], float("nan"))
+    assert not est.observe([VerifyCost(1, 1)], 0.0)
+    assert len(est.recent) == 0
+
+
+def test_policies_import_without_torch():
+    """Policy is pure: the simulator and a torch-free install can load the estimator and the scheduler."""
+    import subprocess
+    import sys
+
+    code = "import sys, wisp_cloud.estimator, wisp_cloud.scheduler; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
