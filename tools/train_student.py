@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Distil the student drafter from the target: teacher data, training, evaluation, assembly.
+
+  python tools/train_student.py all --threads 1 --data-minutes 50 --train-minutes 50
+Every step resumes by default (teacher shards and the training checkpoint live in models/student/work/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wisp_cloud.distill import evaluate as ev  # noqa: E402
+from wisp_cloud.distill import prompts as pr  # noqa: E402
+from wisp_cloud.distill import teacher_data as td  # noqa: E402
+from wisp_cloud.distill import train as tr  # noqa: E402
+from wisp_cloud.model.loader import load_model  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def paths(a):
+    out, work = Path(a.out), Path(a.work or Path(a.out) / "work")
+    return out, work, work / "teacher", work / "heldout", work / "train_ckpt.pt"
+
+
+def tokenizer(a):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(a.target)
+
+
+def cmd_data(a) -> None:
+    out, work, teacher_dir, heldout_dir, _ = paths(a)
+    train_p, held_p = pr.split_prompts(pr.build_prompts(), n_heldout=a.heldout, seed=a.seed)
+    held_path = out / "heldout_prompts.jsonl"
+    if not held_path.exists():
+        pr.write_jsonl(held_p, held_path)
+    held_p = pr.read_jsonl(held_path)
+    held_hashes = {p.text_hash for p in held_p}
+    train_p = [p for p in train_p if p.text_hash not in held_hashes]
+    log(f"prompts: {len(train_p)} train, {len(held_p)} held-out")
+    tok = tokenizer(a)
+    target = load_model(a.target)
+    eos = target.args.eos_token_ids or [2]
+    t0 = time.time()
+    td.generate(target, [pr.chat_ids(tok, p.prompt)[: a.max_prompt] for p in held_p], heldout_dir, eos_ids=eos,
+                max_new=a.max_new, batch=a.batch, keep_hidden=False, log=log)
+    left = None if a.minutes is None else max(0.0, a.minutes - (time.time() - t0) / 60)
+    train_p = train_p[: a.max_prompts] if a.max_prompts else train_p
+    td.generate(target, [pr.chat_ids(tok, p.prompt)[: a.max_prompt] for p in train_p], teacher_dir, eos_ids=eos,
+                max_new=a.max_new, batch=a.batch, topk=a.topk, minutes=left, log=log)
+    ans, fed = td.count_tokens(teacher_dir)
+    log(f"teacher data: {ans} answer tokens, {fed} fed positions in {teacher_dir}")
+    info_path = work / "data_info.json"
+    runs = json.loads(info_path.read_text())["runs"] if info_path.exists() else []
+    runs.append(dict(command=a.command_line, seed=a.seed, minutes=round((time.time() - t0) / 60, 1),
+                     finished=time.strftime("%Y-%m-%d %H:%M:%S")))
+    info_path.write_text(json.dumps(dict(runs=runs, answer_tokens=ans, fed_positions=fed), indent=2) + "\n")
+
+
+def write_manifest(a, model, report: dict, extra: dict) -> None:
+    out, work, teacher_dir, _, _ = paths(a)
+    files = {}
+    for name in ("config.json", "student_layers.safetensors", "heldout_prompts.jsonl"):
+        p = out / name
+        if p.exists():
+            files[name] = dict(sha256=sha256(p), bytes=p.stat().st_size)
+    total = tr.count_params(model)
+    embed = model.embed_tokens.weight.numel()
+    manifest = dict(
+        files=files,
+        architecture=dict(model_type="llama", layers=model.args.n_layers, dim=model.args.dim,
+                          ffn_dim=model.args.ffn_dim, heads=model.args.n_heads, kv_heads=model.args.n_kv_heads,
+                          init_from_target_layers=a.layers, tied_embedding="shared with models/target (frozen)"),
+        parameters=dict(total=total, own=total - embed, shared_embedding=embed),
+        made_by=dict(command=a.command_line, seed=a.seed, **extra),
+        teacher_data=json.loads((work / "data_info.json").read_text()) if (work / "data_info.json").exists() else None,
+        heldout_eval=report,
+    )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def cmd_train(a) -> None:
+    out, work, teacher_dir, heldout_dir, ckpt = paths(a)
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    target = load_model(a.target)
+    target_cfg = json.loads((Path(a.target) / "config.json").read_text())
+    layers = [int(x) for x in a.layers.split(",")]
+    records = td.load_shards(teacher_dir)
+    calib = [r["ids"] for r in records[: a.calib]]  # FFN-pruning statistics (training data only)
+    model = tr.init_student(target, layers, a.ffn, calib=calib)
+    del target
+    n_params = tr.count_params(model)
+    log(f"student: layers {layers} ffn {model.args.ffn_dim}: {n_params / 1e6:.2f}M params "
+        f"({(n_params - model.embed_tokens.weight.numel()) / 1e6:.2f}M own)")
+    held = td.load_shards(heldout_dir)
+    held_eval = held[: a.eval_subset] if a.eval_subset else held
+    ans, fed = sum(len(r["ids"]) - r["n_prompt"] for r in records), sum(len(r["ids"]) - 1 for r in records)
+    log(f"data: {len(records)} sequences, {ans} answer tokens, {fed} positions; held-out {len(held)} sequences")
+    examples = tr.make_examples(records, a.prompt_weight)
+    del records
+    data_info = dict(train_sequences=len(examples), answer_tokens=ans, fed_positions=fed,
+                     heldout_sequences=len(held), layers=layers, ffn_dim=model.args.ffn_dim, lr=a.lr)
+
+    last_matches = []
+
+    def eval_fn(m):
+        last_matches[:] = ev.match_vectors(m, held_eval)
+        return ev.agreement(last_matches)
+
+    def on_improve(m, agree, state):
+        tr.save_student_files(m, target_cfg, out)
+        report = ev.report(last_matches)
+        report["note"] = f"first {len(held_eval)} of {len(held)} held-out sequences (periodic eval)"
+        write_manifest(a, m, report, dict(data=data_info, train=dict(steps=state["step"], tokens=state["tokens"],
+                                                                     minutes=round(state["elapsed"] / 60, 1)),
+                                          note="written during training at a new best held-out agreement"))
+        log(f"saved student ({agree:.4f}); acceptance k=4 mean accepted "
+            f"{report['acceptance']['4']['mean_accepted']:.3f}")
+
+    last = [0.0]
+
+    def progress(state, avg):
+        if time.time() - last[0] > a.log_every:
+            last[0] = time.time()
+            log(f"step {state['step']} tok {state['tokens']} {state['elapsed'] / 60:.1f}min "
+                + " ".join(f"{k} {v:.3f}" for k, v in avg.items())
+                + f" ({state['tokens'] / max(state['elapsed'], 1):.0f} tok/s)")
+
+    state = tr.train(model, examples, ckpt, minutes=a.minutes, tokens=a.tokens, lr=a.lr, max_tokens=a.batch_tokens,
+                     seed=a.seed, eval_fn=eval_fn if held else None, eval_every_min=a.eval_every,
+                     on_improve=on_improve, log=log, progress=progress)
+    log(f"train: done, {state['step']} steps, {state['tokens']} tokens, best agreement {state['best']:.4f}")
+
+
+def cmd_assemble(a) -> None:
+    out = Path(a.out)
+    hf = tr.assemble(out, Path(a.target), out / "hf")
+    log(f"assembled {hf}")
+
+
+def cmd_eval(a) -> None:
+    out, work, teacher_dir, heldout_dir, ckpt = paths(a)
+    hf = out / "hf"
+    if not (hf / "model.safetensors").exists():
+        cmd_assemble(a)
+    model = load_model(hf)  # the assembled checkpoint, exactly what ships
+    model.inv_freq = model.inv_freq.float()
+    held = td.load_shards(heldout_dir)
+    report = ev.report(ev.match_vectors(model, held))
+    log(f"held-out agreement {report['agreement']:.4f} on {report['answer_tokens']} answer tokens")
+    for k, r in report["acceptance"].items():
+        log(f"  k={k}: acceptance rate {r['acceptance_rate']:.3f}, mean accepted {r['mean_accepted']:.3f}, "
+            f"tokens/round {r['tokens_per_round']:.3f}")
+    manifest_path = out / "manifest.json"
+    extra = json.loads(manifest_path.read_text())["made_by"] if manifest_path.exists() else {}
+    if "command" in extra:
+        extra["train_command"] = extra.pop("command")
+    extra.pop("seed", None)
+    extra["note"] = "final: evaluated on the assembled checkpoint models/student/hf"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)["state"]
+        extra["train"] = dict(steps=st["step"], tokens=st["tokens"], minutes=round(st["elapsed"] / 60, 1),
+                              history=st["history"])
+    write_manifest(a, model, report, extra)
+
+
+def cmd_all(a) -> None:
+    minutes = a.minutes
+    a.minutes = a.data_minutes
+    cmd_data(a)
+    a.minutes = a.train_minutes if minutes is None else minutes
+    cmd_train(a)
+    cmd_assemble(a)
+    cmd_eval(a)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["data", "train", "eval", "assemble", "all"])
+    p.add_argument("--target", default=str(ROOT / "models/target"))
+    p.add_argument("--out", default=str(ROOT / "models/student"))
+    p.add_argument("--work", default=None, help="teacher shards and checkpoints (default OUT/work)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None, help="budget of this step (data or train)")
+    p.add_argument("--tokens", type=int, default=None, help="training token budget")
+    p.add_argument("--data-minutes", type=float, default=50)
+    p.add_argument("--train-minutes", type=float, default=50)
+    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--max-prompts", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=320, help="prompt tokens kept")
+    p.add_argument("--max-new", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="live sequences while generating")
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--layers", default="0,1,10,20,29", help="target layers copied into the student")
+    p.add_argument("--ffn", type=int, default=1392, help="student FFN width (pruned from the target's)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--prompt-weight", type=float, default=0.3, help="loss weight of prompt positions")
+    p.add_argument("--eval-every", type=float, default=10.0, help="minutes between held-out evaluations")
+    p.add_argument("--eval-subset", type=int, default=100, help="held-out sequences used by periodic evals")
+    p.add_argument("--calib", type=int, default=32, help="training sequences for FFN pruning statistics")
+    p.add_argument("--log-every", type=float, default=60.0, help="seconds between training log lines")
+    a = p.parse_args(argv)
+    a.command_line = "python tools/train_student.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    dict(data=cmd_data, train=cmd_train, eval=cmd_eval, assemble=cmd_assemble, all=cmd_all)[a.command](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Distilling a small student drafter from the target (teacher data, training, evaluation)."""
