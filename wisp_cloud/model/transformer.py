@@ -128,14 +128,21 @@ class Attention(nn.Module):
         return self.o_proj(out.view(t, -1))
 
 
-def causal_masks(batch: RaggedBatch, group: int, device: torch.device) -> list[torch.Tensor | None]:
-    """Per session, the [group * n, start + n] boolean mask of the grouped-query layout (None for one token)."""
+def causal_masks(batch: RaggedBatch, group: int, dtype: torch.dtype,
+                 device: torch.device) -> list[torch.Tensor | None]:
+    """Per session, the additive [group * n, start + n] mask of the grouped-query layout (None for one token).
+
+    Built once per forward and shared by all layers; additive (0 / -inf) rather than boolean so
+    that SDPA does not convert it again in every layer.
+    """
     masks: list[torch.Tensor | None] = []
     for start, n in zip(batch.starts, batch.seq_lens):
         if n == 1:  # a single query sees the whole cache
             masks.append(None)
             continue
-        mask = torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+        keys, queries = torch.arange(start + n, device=device), torch.arange(start, start + n, device=device)
+        future = keys[None, :] > queries[:, None]
+        mask = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
         masks.append(mask.repeat(group, 1))
     return masks
 
@@ -204,7 +211,7 @@ class Transformer(nn.Module):
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        masks = causal_masks(batch, self.args.n_heads // self.args.n_kv_heads, self.device)
+        masks = causal_masks(batch, self.args.n_heads // self.args.n_kv_heads, self.dtype, self.device)
         x = self.embed_tokens(tokens)  # [num_tokens, dim]
         for layer in self.layers:
             x = layer(x, cos, sin, batch, masks)

@@ -9,6 +9,7 @@ bit-identical results to a fresh run.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -87,7 +88,20 @@ class LlamaCppDrafter:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self._llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+        # Piece by piece with a buffer sized to the piece: Llama.detokenize's fixed 32-byte buffer
+        # silently drops longer pieces (long whitespace runs, code indentation).
+        vocab = self._lib.llama_model_get_vocab(self._llm.model)
+        out = bytearray()
+        for token in ids:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(vocab, int(token), buf, size, 0, True)
+                if n >= 0:
+                    out += buf.raw[:n]
+                    break
+                size = -n  # a negative result is the size the piece needs
+        return out.decode("utf-8", errors="replace")
 
     def close(self) -> None:
         self._llm.close()
