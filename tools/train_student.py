@@ -184,6 +184,12 @@ def cmd_eval(a) -> None:
         st = torch.load(ckpt, weights_only=False)["state"]
         extra["train"] = dict(steps=st["step"], tokens=st["tokens"], minutes=round(st["elapsed"] / 60, 1),
                               history=st["history"])
+        if st["history"]:  # the committed weights are the best periodic evaluation, not the last step
+            best = max(st["history"], key=lambda h: h["agreement"])
+            extra["shipped_weights"] = dict(step=best["step"], tokens=best["tokens"],
+                                            train_minutes=round(best["minutes"], 1),
+                                            selected_by=f"best periodic agreement on the first {a.eval_subset} "
+                                                        "held-out sequences")
     write_manifest(a, model, report, extra)
 
 
