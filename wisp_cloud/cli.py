@@ -1,5 +1,7 @@
 """`wisp-cloud`: the verifier's command line.
 
+    wisp-cloud serve                      # the verifier on 127.0.0.1:8000 with the shipped target
+    wisp-cloud profile                    # measure the verification time estimator on this device
     wisp-cloud generate --chat "What is the capital of France?"   # in-process speculative decoding
 """
 
@@ -76,9 +78,68 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the verifier: session API, OpenAI-compatible API, /metrics",
+                       description="Every option also reads from the environment as WISP_<NAME> "
+                                   "(e.g. WISP_API_KEY); flags win.")
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: the shipped target)")
+    p.add_argument("--served-model-name", help="model id in the API")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000 (0: any free port)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--policy", choices=["wisp", "fcfs"], help="batch scheduler (default wisp)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WISP_API_KEY)")
+    p.add_argument("--kv-budget-mb", type=float, help="KV pool size (default 1 GiB on CPU, half the free GPU)")
+    p.add_argument("--kv-block-tokens", type=int, help="KV allocation unit in tokens (default 64)")
+    p.add_argument("--max-batch-tokens", type=int, help="new tokens per batched forward (default 2048)")
+    p.add_argument("--max-draft", type=int, help="longest draft block accepted (default 32)")
+    p.add_argument("--max-sessions", type=int)
+    p.add_argument("--max-queue", type=int, help="queued jobs above which new sessions get 429")
+    p.add_argument("--max-backlog-ms", type=float, help="predicted queue time above which new sessions get 429")
+    p.add_argument("--session-ttl-s", type=float)
+    p.add_argument("--default-slo", type=float, help="tokens/s for sessions that name none (default: best effort)")
+    p.add_argument("--fcfs-max-batch", type=int)
+    p.add_argument("--fcfs-max-wait-ms", type=float)
+    p.add_argument("--profile", help="estimator profile JSON (default: next to the model; measured if missing)")
+    p.add_argument("--estimator-margin", type=float, help="safety factor on predicted times (default 1.1)")
+    p.add_argument("--no-online-refit", dest="online_refit", action="store_false", default=None,
+                   help="keep the profile's coefficients instead of refitting from live batches")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from wisp_cloud import logs
+    from wisp_cloud.runtime import build_runtime, settings_from_env_and_args, summary
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    settings = settings_from_env_and_args(options)
+    logs.configure(settings.log_format, settings.log_level)
+    runtime = build_runtime(settings)
+    app = runtime.app()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    text = summary(runtime)
+    if settings.port == 0:
+        text = text.replace(f":{settings.port} ", ":<any free port> ")
+    print(text, flush=True)
+    server.run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wisp-cloud", description="WISP verifier (cloud side)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    from wisp_cloud.profiler import register as add_profile
+
+    add_profile(sub)
     _add_generate(sub)
     args = parser.parse_args(argv)
     try:

@@ -39,14 +39,33 @@ class TargetSession:
         return len(self.tokens)
 
 
+@dataclass
+class Prefill:
+    """Cache a session's prompt; sample the first target token unless resuming (the edge holds it)."""
+
+    session: TargetSession
+    sample_first: bool = True
+
+
+@dataclass
+class Verify:
+    """Judge a draft block drafted at `position` (the committed length it was drafted from)."""
+
+    session: TargetSession
+    position: int
+    draft: list[int]
+    q: list | None = None
+
+
 class Verifier:
     def __init__(self, model: Transformer, *, max_draft: int = 32) -> None:
         self.model = model
         self.vocab_size = model.args.vocab_size
         self.max_draft = max_draft
 
-    def open(self, session_id: str, prompt_ids: list[int], params: SamplingParams) -> TargetSession:
-        """A session with no KV yet; `prefill` must run before its first verify."""
+    def open(self, session_id: str, prompt_ids: list[int], params: SamplingParams,
+             cache: KVCache | None = None) -> TargetSession:
+        """A session with no KV yet (`cache`: one from a pool, else a fresh one); prefill before verifying."""
         self._check_ids(prompt_ids, "prompt")
         if not prompt_ids:
             raise InvalidDraftError("the prompt must hold at least one token")
@@ -54,46 +73,83 @@ class Verifier:
             raise InvalidDraftError(f"prompt of {len(prompt_ids)} tokens exceeds the model's {self.model.args.max_seq_len}")
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        cache = self.model.new_cache(capacity=len(prompt_ids) + 64)
+        cache = cache if cache is not None else self.model.new_cache(capacity=len(prompt_ids) + 64)
         return TargetSession(session_id, list(prompt_ids), params, cache, generator)
 
     def prefill(self, sessions: list[TargetSession]) -> list[int]:
-        """One forward over the sessions' uncached tokens; appends and returns each first target token."""
-        for s in sessions:
-            s.cache.truncate(0)
-        batch = RaggedBatch(torch.tensor([t for s in sessions for t in s.tokens], dtype=torch.long),
-                            [len(s.tokens) for s in sessions], [s.cache for s in sessions])
-        last_rows = torch.tensor(batch.offsets[1:]) - 1
-        logits = self.model(batch, logit_rows=last_rows)  # [sessions, vocab]
-        commit(batch, batch.seq_lens)
-        firsts = []
-        for s, row in zip(sessions, logits):
-            token = sample_token(row, s.params, s.generator)
-            s.tokens.append(token)
-            firsts.append(token)
-        return firsts
+        """One forward over the sessions' prompts; appends and returns each first target token."""
+        return self.run([Prefill(s) for s in sessions])  # type: ignore[return-value]
 
     def verify(self, blocks: list[tuple[TargetSession, int, list[int], list | None]]) -> list[Verdict]:
         """Verify many sessions' blocks in one forward.  blocks: (session, position, draft ids, sparse q or None)."""
-        for session, position, draft, q in blocks:
-            self._check_block(session, position, draft, q)
-        sessions = [b[0] for b in blocks]
-        inputs = [[s.tokens[-1], *draft] for s, _, draft, _ in blocks]
-        batch = RaggedBatch(torch.tensor([t for seq in inputs for t in seq], dtype=torch.long),
-                            [len(seq) for seq in inputs], [s.cache for s in sessions])
-        logits = self.model(batch)  # [num_tokens, vocab]
-        verdicts = []
-        for i, (session, _, draft, q) in enumerate(blocks):
-            rows = logits[batch.offsets[i]: batch.offsets[i + 1]]  # [k+1, vocab]
-            if session.params.greedy:
-                verdict = verify_greedy(rows, draft)
+        return self.run([Verify(*block) for block in blocks])  # type: ignore[return-value]
+
+    def check(self, work: "Prefill | Verify") -> None:
+        """Raise InvalidDraftError / StalePositionError for a block the verifier would refuse."""
+        if isinstance(work, Verify):
+            self._check_block(work.session, work.position, work.draft, work.q)
+
+    def run(self, work: list["Prefill | Verify"]) -> list[int | None | Verdict]:
+        """One ragged forward over prefills, resumes and verify blocks of many sessions.
+
+        A prefill feeds the whole prompt and samples the first target token from its last row (a
+        resume feeds all but the last committed token and samples nothing: the edge already holds
+        it); a verify feeds [last committed token, *draft] and keeps the accepted prefix. Only the
+        logit rows someone reads are computed. Returns, per item: the first token, None (resume) or
+        the Verdict.
+        """
+        for item in work:
+            self.check(item)
+        inputs, feeds = [], []
+        for item in work:
+            s = item.session
+            if isinstance(item, Verify):
+                seq = [s.tokens[-1], *item.draft]
             else:
-                q_rows = [dense_q(sparse, self.vocab_size) for sparse in q]
-                verdict = verify_sampled(rows, draft, q_rows, session.params, session.generator)
-            session.tokens.extend([*draft[: verdict.accepted], verdict.token])
-            verdicts.append(verdict)
-        commit(batch, [1 + v.accepted for v in verdicts])
-        return verdicts
+                s.cache.truncate(0)
+                seq = s.tokens if item.sample_first else s.tokens[:-1]
+            if seq:
+                inputs.append(seq)
+                feeds.append(item)
+        results: dict[int, int | None | Verdict] = {id(item): None for item in work}
+        if inputs:
+            batch = RaggedBatch(torch.tensor([t for seq in inputs for t in seq], dtype=torch.long),
+                                [len(seq) for seq in inputs], [item.session.cache for item in feeds])
+            rows: list[int] = []
+            spans = []  # where each item's rows sit in the logits
+            for i, item in enumerate(feeds):
+                start, end = batch.offsets[i], batch.offsets[i + 1]
+                if isinstance(item, Verify):
+                    spans.append((len(rows), end - start))
+                    rows.extend(range(start, end))
+                elif item.sample_first:
+                    spans.append((len(rows), 1))
+                    rows.append(end - 1)
+                else:
+                    spans.append((len(rows), 0))
+            # Sampling and acceptance run on the CPU: a few rows, and CPU generators stay valid.
+            logits = self.model(batch, logit_rows=torch.tensor(rows, dtype=torch.long)).cpu()
+            kept = []
+            for item, (first_row, n_rows), n_fed in zip(feeds, spans, batch.seq_lens):
+                s = item.session
+                if isinstance(item, Verify):
+                    rows_i = logits[first_row: first_row + n_rows]  # [k+1, vocab]
+                    if s.params.greedy:
+                        verdict = verify_greedy(rows_i, item.draft)
+                    else:
+                        q_rows = [dense_q(sparse, self.vocab_size) for sparse in item.q]
+                        verdict = verify_sampled(rows_i, item.draft, q_rows, s.params, s.generator)
+                    s.tokens.extend([*item.draft[: verdict.accepted], verdict.token])
+                    results[id(item)] = verdict
+                    kept.append(1 + verdict.accepted)
+                else:
+                    if item.sample_first:
+                        token = sample_token(logits[first_row], s.params, s.generator)
+                        s.tokens.append(token)
+                        results[id(item)] = token
+                    kept.append(n_fed)
+            commit(batch, kept)
+        return [results[id(item)] for item in work]
 
     def _check_ids(self, ids: list[int], what: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]

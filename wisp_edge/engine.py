@@ -123,6 +123,7 @@ class SpeculativeEngine:
                 return
             self.drafter.reset(committed)
             round_no = 0
+            last_rtt_ms: float | None = None
             while stats.new_tokens < max_new_tokens:
                 round_no += 1
                 # At most remaining-1 drafts, so accepted + the target's token never overshoot the budget.
@@ -131,8 +132,9 @@ class SpeculativeEngine:
                 t0 = time.perf_counter()
                 result = self.backend.verify(VerifyRequest(
                     started.session_id, len(committed), drafts, None if params.greedy else qs, round_no,
-                    drafting_ms=sum(draft_times)))
+                    drafting_ms=sum(draft_times), rtt_ms=last_rtt_ms, committed=committed))
                 rtt_ms = (time.perf_counter() - t0) * 1000
+                last_rtt_ms = max(0.0, rtt_ms - result.verify_ms - result.queue_ms)  # the network's share
                 accepted = result.accepted
                 wasted = sum(draft_times[accepted + 1:])
                 stats.rounds.append(RoundStats(len(drafts), accepted, sum(draft_times), wasted, rtt_ms,

@@ -39,6 +39,9 @@ class VerifyRequest:
     round_id: int = 0
     drafting_ms: float = 0.0
     rtt_ms: float | None = None
+    # The edge's committed tokens (prompt + generated), not sent each round: a networked backend resends
+    # them only when the server lost the session (eviction, restart), so no token is ever lost.
+    committed: list[int] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -48,3 +51,5 @@ class VerifyResult:
     bonus: bool = False
     verify_ms: float = 0.0
     queue_ms: float = 0.0
+    batch_size: int = 1
+    suggested_max_draft: int | None = None  # the server's fair share of its batch token budget

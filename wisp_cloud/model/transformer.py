@@ -191,9 +191,15 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, capacity: int = 64) -> KVCache:
+    def new_cache(self, capacity: int = 64, growth: int | None = None) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.dtype, device=self.device, capacity=capacity)
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.dtype, device=self.device,
+                       capacity=capacity, growth=growth)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, logit_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Request and reply bodies of the HTTP API, validated by pydantic and published in the OpenAPI schema.
+
+The session API speaks token ids, never text. Limits that depend on the served model (vocabulary
+size, context length, the longest draft) are checked by the service, which knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_IDS = 1 << 20  # a hard ceiling on any id list before the model's own limits apply
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 disables")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_ids: list[int] = Field(..., min_length=1, max_length=MAX_IDS, description="prompt token ids")
+    sampling: Sampling = Field(default_factory=Sampling)
+    slo_tokens_per_s: float | None = Field(None, gt=0, le=10_000, description="target decoding rate")
+    vocab_fingerprint: str | None = Field(None, max_length=128, description="the drafter's vocabulary fingerprint")
+    resume: bool = Field(False, description="prompt_ids are an earlier session's committed tokens: cache them and "
+                                            "sample nothing (after an eviction or a server restart)")
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    first_token: int | None = Field(description="the target's token after the prompt; null on resume")
+    position: int = Field(description="tokens committed on the server")
+    queue_ms: float
+    prefill_ms: float
+    vocab_fingerprint: str | None
+    max_draft: int
+
+
+class SparseQ(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] = Field(..., min_length=1, max_length=1 << 17)
+    probs: list[float] = Field(..., min_length=1, max_length=1 << 17)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "SparseQ":
+        if len(self.ids) != len(self.probs):
+            raise ValueError(f"q lists {len(self.ids)} ids but {len(self.probs)} probabilities")
+        return self
+
+
+class VerifyBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    position: int = Field(..., ge=1, description="committed tokens the block was drafted from")
+    round_id: int = Field(..., ge=0, description="retrying a round id returns the same answer")
+    draft_ids: list[int] = Field(..., max_length=1024)
+    q: list[SparseQ] | None = Field(None, description="sampling only: the drafter's distribution per draft token")
+    drafting_ms: float = Field(0.0, ge=0)
+    rtt_ms: float | None = Field(None, ge=0, description="the edge's round-trip estimate")
+
+
+class VerifyReply(BaseModel):
+    accepted: int
+    token: int = Field(description="the correction (or, all accepted, the bonus) token")
+    bonus: bool
+    position: int = Field(description="tokens committed after this round")
+    round_id: int
+    queue_ms: float
+    verify_ms: float
+    predicted_ms: float | None
+    batch_size: int
+    batch_tokens: int
+    queue_depth: int
+    suggested_max_draft: int
+    replayed: bool = False
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+    committed: int | None = None
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody
+
+
+# --- OpenAI-compatible (centralized mode) --------------------------------------------------------------
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not act on (user, logit_bias: refused below)
+
+    model: str = "default"
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension (vLLM): 0 disables")
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    slo_tokens_per_s: float | None = Field(None, gt=0, description="extension: target decoding rate")
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(..., min_length=1)
