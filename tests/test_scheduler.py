@@ -320,3 +320,60 @@ def test_decision_time_with_a_thousand_queued_jobs():
     median_ms = statistics.median(timings) * 1000
     print(f"\nWispScheduler.form_batch, 1000 queued: median {median_ms:.3f} ms, max {max(timings) * 1000:.3f} ms")
     assert median_ms < 20.0
+
+
+def _simulate(policy, jobs, est, *, max_tokens=BIG):
+    """Run batches back to back on an ideal device whose batch time is the estimator's raw prediction;
+    returns each job's finish time (the scheduler sees the clock only through `now`)."""
+    for j in jobs:
+        policy.submit(j)
+    now, finish = 0.0, {}
+    while len(policy):
+        batch = policy.form_batch(now, BIG, max_tokens)
+        if not batch.jobs:
+            now += batch.wait_s if batch.wait_s != INF else 0.001
+            continue
+        now += est.predict_raw([j.cost for j in batch.jobs]) / 1000
+        finish.update({j.job_id: now for j in batch.jobs})
+    return finish
+
+
+def test_a_timeline_of_light_tight_jobs_behind_a_heavy_cold_one():
+    """Eight warm blocks with 40 ms deadlines arrive just after a 1,500-token prefill with a loose one.
+    FCFS puts them all in the prefill's batch and every warm block misses; WISP serves the warm blocks
+    first in one batch (checking the batch against their earliest deadline), then the prefill, and
+    nobody misses."""
+    est = estimator()
+    def scenario():
+        cold = job(job_id="cold", deadline=1.0, new=1500, cached=0, arrival=0.0)
+        warm = [job(job_id=f"w{i}", deadline=0.040 + 0.001 * i, new=5, cached=300 + 40 * i, alpha=0.7, k=4,
+                    arrival=0.0005) for i in range(8)]
+        return [cold, *warm]
+
+    fcfs_jobs = scenario()
+    fcfs = _simulate(FcfsScheduler(max_batch_jobs=16, max_wait_s=0.0, estimator=est), fcfs_jobs, est)
+    wisp_jobs = scenario()
+    wisp = _simulate(WispScheduler(est), wisp_jobs, est)
+    deadlines = {j.job_id: j.completion_deadline for j in wisp_jobs}
+    fcfs_missed = [i for i, t in fcfs.items() if t > deadlines[i]]
+    wisp_missed = [i for i, t in wisp.items() if t > deadlines[i]]
+    assert len(fcfs_missed) == 8 and "cold" not in fcfs_missed
+    assert wisp_missed == []
+    assert max(wisp[f"w{i}"] for i in range(8)) < wisp["cold"]  # one warm batch first, then the prefill
+
+
+def test_the_earliest_deadline_in_a_batch_bounds_what_joins_it():
+    """A tight job already in the batch keeps out a heavy best-effort job that would make it late, even
+    though the heavy job alone would fit its own loose deadline; the heavy job runs next."""
+    est = estimator()
+    tight = job(job_id="tight", deadline=0.020, new=5, cached=200)
+    heavy = job(job_id="heavy", new=600, cached=0)  # best effort
+    solo = est.predict([tight.cost]) / 1000
+    both = est.predict([tight.cost, heavy.cost]) / 1000
+    assert solo <= 0.020 < both
+    wisp = WispScheduler(est)
+    wisp.submit(tight)
+    wisp.submit(heavy)
+    first = wisp.form_batch(0.0, BIG, BIG)
+    assert ids(first) == ["tight"]
+    assert ids(wisp.form_batch(first.predicted_finish, BIG, BIG)) == ["heavy"]

@@ -58,12 +58,17 @@ class LocalPair:
         return self.drafter.tokenize(chat_prompt_text(self.target_dir, messages))
 
 
-def chat_prompt_text(target_dir: Path, messages: list[dict]) -> str:
+def chat_template_of(target_dir: Path) -> tuple[str, str, str]:
+    """(jinja template, bos token, eos token) of a checkpoint; the edge renders chats with the same three."""
     config_path = target_dir / "tokenizer_config.json"
     special = json.loads(config_path.read_text()) if config_path.exists() else {}
     template_path = target_dir / "chat_template.jinja"
     template = template_path.read_text() if template_path.exists() else special.get("chat_template")
     if not template:
         raise ValueError(f"{target_dir} has no chat template (chat_template.jinja or tokenizer_config.json)")
-    return render_chat(template, messages, bos_token=special.get("bos_token") or "",
-                       eos_token=special.get("eos_token") or "")
+    return template, special.get("bos_token") or "", special.get("eos_token") or ""
+
+
+def chat_prompt_text(target_dir: Path, messages: list[dict]) -> str:
+    template, bos, eos = chat_template_of(target_dir)
+    return render_chat(template, messages, bos_token=bos, eos_token=eos)

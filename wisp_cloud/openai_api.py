@@ -21,15 +21,24 @@ from fastapi.responses import StreamingResponse
 from wisp_cloud.api_schemas import ChatRequest, CompletionRequest
 from wisp_cloud.service import ServiceError, VerifierService
 from wisp_cloud.text import IncrementalDecoder, StopMatcher
+from wisp_edge.chat import render_chat
 from wisp_edge.sampling import SamplingParams
 
 
 class TextModel:
     """What the endpoints need to know about the served model besides the service."""
 
-    def __init__(self, model_id: str, tokenizer, chat_renderer, max_seq_len: int, vocab_size: int) -> None:
-        self.model_id, self.tokenizer, self.render_chat = model_id, tokenizer, chat_renderer
+    def __init__(self, model_id: str, tokenizer, chat_template: tuple[str, str, str] | None, max_seq_len: int,
+                 vocab_size: int) -> None:
+        self.model_id, self.tokenizer, self.chat_template = model_id, tokenizer, chat_template
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.chat_template is None:
+            raise ServiceError(400, "no_chat_template", f"model {self.model_id} has no chat template; "
+                                                        "use /v1/completions")
+        template, bos, eos = self.chat_template
+        return render_chat(template, messages, bos_token=bos, eos_token=eos)
 
 
 def _params(body) -> SamplingParams:

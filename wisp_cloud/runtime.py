@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from wisp_cloud.estimator import Margin, TimeEstimator
+from wisp_cloud.local_pair import chat_template_of
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import Transformer
 from wisp_cloud.openai_api import TextModel
@@ -79,6 +80,8 @@ def kv_budget_bytes(settings: ServeSettings, device: str) -> int:
 def load_estimator(settings: ServeSettings, model: Transformer, device: str, dtype: str,
                    model_id: str) -> tuple[TimeEstimator, Path, str]:
     path = settings.profile or default_profile_path(settings.model, device, dtype)
+    if not settings.profile and device == "cpu":  # CPU times depend on the thread count: one profile per count
+        path = path.with_name(f"{path.stem}-t{torch.get_num_threads()}{path.suffix}")
     if path.exists():
         estimator = load_profile(path, device=device, dtype=dtype)
         note = "loaded"
@@ -110,12 +113,11 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     service = VerifierService(model, settings, estimator, model_id=model_id, vocab_fingerprint=fingerprint(pieces),
                               kv_budget_bytes=budget)
 
-    def render_chat(messages: list[dict]) -> str:
-        from wisp_cloud.local_pair import chat_prompt_text
-
-        return chat_prompt_text(model_dir, messages)
-
-    text_model = TextModel(model_id, tokenizer, render_chat, model.args.max_seq_len, model.args.vocab_size)
+    try:
+        chat_template = chat_template_of(model_dir)
+    except ValueError:
+        chat_template = None  # a base model: /v1/completions only
+    text_model = TextModel(model_id, tokenizer, chat_template, model.args.max_seq_len, model.args.vocab_size)
     return Runtime(settings, model, service, text_model, profile_path, note)
 
 

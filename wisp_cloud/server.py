@@ -142,6 +142,9 @@ def create_app(service: VerifierService, text_model: TextModel, *, api_key: str 
         return {"model": text_model.model_id, "vocab_size": text_model.vocab_size,
                 "vocab_fingerprint": service.vocab_fingerprint, "max_seq_len": text_model.max_seq_len,
                 "max_draft": service.settings.max_draft, "policy": service.settings.policy,
-                "eos_token_ids": sorted(service.eos_ids)}
+                "eos_token_ids": sorted(service.eos_ids),
+                "chat_template": text_model.chat_template[0] if text_model.chat_template else None,
+                "bos_token": text_model.chat_template[1] if text_model.chat_template else None,
+                "eos_token": text_model.chat_template[2] if text_model.chat_template else None}
 
     return app

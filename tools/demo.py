@@ -1,0 +1,89 @@
+"""The README's main job: the verifier and an edge agent on loopback, with the shipped pair.
+
+Starts `wisp-cloud serve` on a free port (it prints its one-screen summary), runs
+`wisp-edge generate` against it (the Q4_1 drafter on one core, verification over HTTP), then asks the
+same server to answer alone (`/v1/chat/completions`, centralized mode) and checks that the
+speculative answer is identical under greedy decoding. Extra arguments go to `wisp-edge generate`.
+
+    python tools/demo.py [--drafter student -k 3] [--temperature 0.8 --seed 1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is the capital of France? Answer in two sentences."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the verifier exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"the verifier was not ready after {timeout_s:.0f} s")
+
+
+def main(argv: list[str]) -> int:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    threads = max(1, (os.cpu_count() or 2) - 1)  # one core stays with the edge's drafter
+    print(f"== starting the verifier on {url} (torch threads {threads})", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "wisp_cloud.cli", "serve", "--port", str(port),
+                               "--threads", str(threads), "--log-level", "warning"], cwd=ROOT)
+    try:
+        wait_ready(url, server)
+        print(f"\n== the edge agent: wisp-edge generate --server {url} --chat {QUESTION!r} {' '.join(argv)}\n",
+              flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            result_path = Path(tmp) / "edge.json"
+            edge = subprocess.run([sys.executable, "-m", "wisp_edge.cli", "generate", "--server", url,
+                                   "--chat", QUESTION, "--json-out", str(result_path), *argv], cwd=ROOT)
+            if edge.returncode:
+                return edge.returncode
+            edge_result = json.loads(result_path.read_text())
+        speculative = edge_result["text"]
+        if not any(a.startswith("--temperature") for a in argv):  # greedy: the answers must be identical
+            t0 = time.perf_counter()
+            alone = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+                "model": "default", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+                "max_tokens": edge_result["stats"]["new_tokens"]}).json()
+            elapsed = time.perf_counter() - t0
+            text = alone["choices"][0]["message"]["content"]
+            tokens = alone["usage"]["completion_tokens"]
+            print("== the same server decoding alone (centralized mode, /v1/chat/completions):")
+            print(f"{text}\n{'target alone tokens/s':>26}: {tokens / elapsed:.2f}")
+            print(f"{'identical to target alone':>26}: {text == speculative}")
+            return 0 if text == speculative else 1
+        return 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
