@@ -12,20 +12,13 @@ import json
 import sys
 import time
 
+from wisp_edge.cli_args import add_generation_arguments, sampling_from_args
+
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="speculative decoding in one process: drafter + target verifier")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--chat", help="a user message; the target's chat template is applied")
-    text.add_argument("--prompt", help="raw text to continue (no chat template)")
-    p.add_argument("--drafter", default="q4", help="q4 | student | student-f32 | student-onnx | path to .gguf/.onnx")
+    add_generation_arguments(p, chat_help="a user message; the target's chat template is applied")
     p.add_argument("--model", default=None, help="target checkpoint directory (default: models/target)")
-    p.add_argument("-k", "--draft-length", type=int, default=6, help="tokens drafted per round")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads for the target (default: all cores)")
     p.add_argument("--drafter-threads", type=int, default=1,
                    help="drafter threads; one keeps llama.cpp's spinning pool off the target's cores")
@@ -40,11 +33,10 @@ def _generate(args) -> int:
     from wisp_cloud.generate import generate
     from wisp_cloud.local_pair import DEFAULT_TARGET, LocalPair
     from wisp_edge.engine import FixedLength
-    from wisp_edge.sampling import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    params = sampling_from_args(args)
     pair = LocalPair.load(args.drafter, args.model or DEFAULT_TARGET, n_threads=args.drafter_threads)
     prompt_ids = pair.chat_prompt_ids(args.chat) if args.chat else pair.drafter.tokenize(args.prompt)
     engine = pair.engine(FixedLength(args.draft_length))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wisp_edge.cli_args import add_generation_arguments, sampling_from_args
 from wisp_edge.drafters import SHIPPED_DRAFTERS, load_drafter, resolve_drafter_path
 from wisp_edge.vocab import fingerprint
 
@@ -55,9 +56,8 @@ def _generate(args) -> int:
     from wisp_edge.chat import render_chat
     from wisp_edge.client import HttpVerifier, VerifierError
     from wisp_edge.engine import FixedLength, SpeculativeEngine
-    from wisp_edge.sampling import SamplingParams
 
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    params = sampling_from_args(args)
     drafter = load_drafter(args.drafter, n_threads=args.threads)
     with HttpVerifier(args.server, api_key=args.api_key) as backend:
         try:
@@ -121,18 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_tokenize)
     sub.add_parser("drafters", help="list the shipped drafters").set_defaults(func=_drafters)
     p = sub.add_parser("generate", help="speculative decoding: draft here, verify on a WISP server")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--chat", help="a user message; the served model's chat template is applied")
-    text.add_argument("--prompt", help="raw text to continue")
+    add_generation_arguments(p, chat_help="a user message; the served model's chat template is applied")
     p.add_argument("--server", default="http://127.0.0.1:8000", help="the verifier's URL")
     p.add_argument("--api-key", default=None, help="the verifier's API key (or WISP_API_KEY)")
-    p.add_argument("--drafter", default="q4")
-    p.add_argument("-k", "--draft-length", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="drafter threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--json-out", help="also write the result as JSON to this file")
