@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,9 @@ def test_run_profile_fits_and_reports(tiny_profile):
     est = result.estimator
     assert len(result.samples) == len(profile_grid(True, 256))
     assert all(ms > 0 for _, ms in result.samples)
+    # two interleaved passes per configuration; the sample keeps their median
+    for runs, (_, ms) in zip(result.runs, result.samples):
+        assert len(runs) == 2 and ms == pytest.approx(sum(runs) / 2)
     assert all(c >= 0 and math.isfinite(c) for c in est.coefficients)
     assert est.c0 > 0  # a forward of a 2-layer model still costs something
     assert result.holdout.n == round(0.25 * len(result.samples))
@@ -113,13 +117,16 @@ def test_run_profile_fits_and_reports(tiny_profile):
     assert result.elapsed_s > 0
     meta = est.metadata
     assert (meta["model"], meta["device"], meta["dtype"], meta["grid"]) == ("tiny", "cpu", "float32", "quick")
-    assert meta["configurations"] == len(result.samples) and meta["torch_threads"] == 1
+    assert meta["configurations"] == len(result.samples) and meta["torch_threads"] == 1 and meta["passes"] == 2
+    assert meta["run_noise_pct"] >= 0
     assert holdout_report(est) == result.holdout
 
 
 def test_save_load_round_trip(tiny_profile, tmp_path):
     path = save_profile(tiny_profile, default_profile_path(tmp_path / "model", "cpu", "float32"))
     assert path == tmp_path / "model" / ".wisp-profile-cpu-float32.json"
+    assert default_profile_path("m", "cpu", "float32", threads=2) == Path("m/.wisp-profile-cpu-float32-t2.json")
+    assert default_profile_path("m", "cuda", "bfloat16").name == ".wisp-profile-cuda-bfloat16.json"
     loaded = load_profile(path, device="cpu", dtype="float32")
     assert loaded.coefficients == tiny_profile.estimator.coefficients
     for batch, _ in tiny_profile.samples:
@@ -129,6 +136,11 @@ def test_save_load_round_trip(tiny_profile, tmp_path):
     assert len(loaded.profile) == tiny_profile.train.n  # the online refit keeps the fitted samples as anchors
     with pytest.raises(ValueError, match="dtype"):
         load_profile(path, dtype="bfloat16")
+
+
+def test_run_profile_needs_a_holdout():
+    with pytest.raises(ValueError, match="holdout"):
+        run_profile(tiny_target(), quick=True, holdout_fraction=0.0, progress=False, passes=1)
 
 
 def test_cli_writes_the_default_profile(tmp_path, monkeypatch, capsys):
@@ -148,4 +160,5 @@ def test_cli_writes_the_default_profile(tmp_path, monkeypatch, capsys):
     assert main(["--model", str(model_dir), "--device", "cpu", "--quick", "--passes", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "held out" in out and "per_cached_token_ms" in out
-    assert holdout_report(load_profile(model_dir / ".wisp-profile-cpu-float32.json")) is not None
+    # a CPU profile names its thread count (the test runs one thread), as the server's start-up expects
+    assert holdout_report(load_profile(model_dir / ".wisp-profile-cpu-float32-t1.json")) is not None

@@ -29,7 +29,6 @@ from wisp_cloud.model.kv_cache import KVCache
 from wisp_cloud.model.transformer import RaggedBatch, Transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROFILE_NAME = ".wisp-profile-{device}-{dtype}.json"
 
 
 @dataclass(frozen=True)
@@ -55,22 +54,28 @@ class ProfileRequest:
 
 @dataclass
 class ProfileResult:
+    """A fitted profile with what it was fitted on and how well it predicts configurations it never saw."""
+
     estimator: TimeEstimator  # fitted on the training part; metadata holds both reports
     train: FitReport
     holdout: FitReport
     samples: list[Sample]  # every configuration, (costs, median ms)
+    runs: list[list[float]]  # [config][pass] ms: every timed run, for looking at the noise
     elapsed_s: float
 
 
 # --- the grid --------------------------------------------------------------------------------------
 
-# (warm verify draws per batch size, prefill lengths alone, prefill groups, mixed batches)
+# Per grid: warm verify batch sizes and draws per size, the longest cached prefix, prompt lengths timed
+# alone, groups of 2..group_size prompts up to group_max tokens, and mixed batches of one prompt in
+# mixed_prompt plus 1..mixed_verifies warm blocks. Quick is sized for ~10 s on two CPU cores (135M target).
 _GRID_SIZES = {
     True: dict(verify_batch_sizes=(1, 2, 4, 8, 16, 32), verify_draws=1, max_cached=512,
-               prefills=(16, 64, 128, 256), groups=1, group_max=128, mixed=3, mixed_prompt=(16, 128)),
+               prefills=(16, 64, 128, 256), groups=1, group_size=3, group_max=128,
+               mixed=3, mixed_prompt=(16, 128), mixed_verifies=8),
     False: dict(verify_batch_sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), verify_draws=3, max_cached=1024,
-                prefills=(16, 32, 64, 96, 128, 192, 256, 384, 512), groups=5, group_max=256, mixed=10,
-                mixed_prompt=(16, 512)),
+                prefills=(16, 32, 64, 96, 128, 192, 256, 384, 512), groups=5, group_size=4, group_max=256,
+                mixed=10, mixed_prompt=(16, 512), mixed_verifies=16),
 }
 
 
@@ -103,9 +108,10 @@ def profile_grid(quick: bool, max_seq_len: int, seed: int = 0) -> list[list[Prof
         grid += [[verify() for _ in range(size)] for _ in range(sizes["verify_draws"])]
     grid += [[ProfileRequest(min(n, max_seq_len), 0, "prefill")] for n in sizes["prefills"]]
     for _ in range(sizes["groups"]):
-        grid.append([prefill(16, sizes["group_max"]) for _ in range(int(rng.integers(2, 5)))])
+        grid.append([prefill(16, sizes["group_max"]) for _ in range(int(rng.integers(2, sizes["group_size"] + 1)))])
     for _ in range(sizes["mixed"]):
-        grid.append([prefill(*sizes["mixed_prompt"])] + [verify() for _ in range(int(rng.integers(1, 17)))])
+        verifies = int(rng.integers(1, sizes["mixed_verifies"] + 1))
+        grid.append([prefill(*sizes["mixed_prompt"])] + [verify() for _ in range(verifies)])
     return grid
 
 
@@ -193,6 +199,9 @@ def run_profile(model: Transformer, *, quick: bool, holdout_fraction: float = 0.
     grid = profile_grid(quick, model.args.max_seq_len, seed) if grid is None else grid
     passes = passes if passes is not None else (3 if quick else 5)
     assert passes >= 1 and len(grid) >= 2, "need at least one pass and two configurations"
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"the profile reports held-out accuracy: holdout_fraction must be in (0, 1), "
+                         f"got {holdout_fraction}")
     t0 = time.perf_counter()
     caches: list[KVCache] = []
     measure_batch(model, max(grid, key=len), reps=1, caches=caches, seed=seed)  # warm up the allocator and pool
@@ -212,14 +221,19 @@ def run_profile(model: Transformer, *, quick: bool, holdout_fraction: float = 0.
         run_noise_pct=round(float(np.median(spread)) * 100, 2)))
     holdout = estimator.fit_holdout(samples, holdout_fraction, seed)  # records "fit" and "holdout" in metadata
     train = FitReport(**estimator.metadata["fit"])
-    return ProfileResult(estimator, train, holdout, samples, elapsed)
+    return ProfileResult(estimator, train, holdout, samples, times, elapsed)
 
 
 # --- saving and loading --------------------------------------------------------------------------------
 
-def default_profile_path(model_dir: str | Path, device: str, dtype: str) -> Path:
-    """Where the server looks for a profile: next to the checkpoint, one file per (device, dtype)."""
-    return Path(model_dir) / PROFILE_NAME.format(device=device, dtype=dtype)
+def default_profile_path(model_dir: str | Path, device: str, dtype: str, threads: int | None = None) -> Path:
+    """Where the server looks for a profile: next to the checkpoint, one file per (device, dtype).
+
+    CPU times scale with the thread count, so a CPU profile also names its count (`threads`):
+    `.wisp-profile-cpu-float32-t2.json`, the name the server's start-up looks for.
+    """
+    suffix = f"-t{threads}" if threads else ""
+    return Path(model_dir) / f".wisp-profile-{device}-{dtype}{suffix}.json"
 
 
 def save_profile(result: ProfileResult, path: str | Path) -> Path:
@@ -235,7 +249,8 @@ def load_profile(path: str | Path, *, device: str | None = None, dtype: str | No
     for key, want in (("device", device), ("dtype", dtype)):
         got = est.metadata.get(key)
         if want is not None and got != want:
-            raise ValueError(f"profile {path} was measured for {key}={got!r}, not {want!r}; re-run `wisp-cloud profile`")
+            raise ValueError(f"profile {path} was measured for {key}={got!r}, not {want!r}; "
+                             "re-run `wisp-cloud profile`")
     return est
 
 
@@ -271,7 +286,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", type=int, default=None,
                    help="timed sweeps over the grid; each configuration keeps its median (default: 3 quick, 5 full)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="profile JSON (default: <model>/.wisp-profile-<device>-<dtype>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="profile JSON (default: <model>/.wisp-profile-<device>-<dtype>[-t<threads> on cpu].json)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -288,7 +304,8 @@ def _profile(args) -> int:
     model = load_model(model_dir, device=args.device, dtype=DTYPES[dtype])
     result = run_profile(model, quick=args.quick, holdout_fraction=args.holdout, seed=args.seed,
                          progress=args.progress, passes=args.passes, model_name=Path(model_dir).resolve().name)
-    path = save_profile(result, args.out or default_profile_path(model_dir, args.device, dtype))
+    threads = torch.get_num_threads() if args.device == "cpu" else None
+    path = save_profile(result, args.out or default_profile_path(model_dir, args.device, dtype, threads))
     print(format_result(result, path))
     return 0
 

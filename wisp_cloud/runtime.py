@@ -79,9 +79,9 @@ def kv_budget_bytes(settings: ServeSettings, device: str) -> int:
 
 def load_estimator(settings: ServeSettings, model: Transformer, device: str, dtype: str,
                    model_id: str) -> tuple[TimeEstimator, Path, str]:
-    path = settings.profile or default_profile_path(settings.model, device, dtype)
-    if not settings.profile and device == "cpu":  # CPU times depend on the thread count: one profile per count
-        path = path.with_name(f"{path.stem}-t{torch.get_num_threads()}{path.suffix}")
+    # CPU times depend on the thread count: one profile per count.
+    threads = torch.get_num_threads() if device == "cpu" else None
+    path = settings.profile or default_profile_path(settings.model, device, dtype, threads)
     if path.exists():
         estimator = load_profile(path, device=device, dtype=dtype)
         note = "loaded"

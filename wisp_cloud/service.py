@@ -172,10 +172,20 @@ class VerifierService:
         except BaseException:
             self.close(session_id)
             raise
+        log.info("session opened", extra={"session": session_id, "mode": mode, "prompt_tokens": len(prompt_ids),
+                                          "resume": resume, "slo": slo_rate, "queue_ms": timing.get("queue_ms")})
         return session, first, timing
 
     def _admit(self, kv_bytes: int) -> None:
         """Refuse new work, never admitted work, when the queue, the SLOs or memory cannot take it."""
+        try:
+            self._check_capacity(kv_bytes)
+        except ServiceError as exc:
+            log.warning("new session refused", extra={"code": exc.code, "reason": exc.message,
+                                                      "retry_after_s": exc.retry_after})
+            raise
+
+    def _check_capacity(self, kv_bytes: int) -> None:
         depth = len(self._queued)
         backlog_ms = self._backlog_ms()
         retry = min(30.0, max(1.0, math.ceil(backlog_ms / 1000.0)))
@@ -245,6 +255,7 @@ class VerifierService:
 
     def _forget(self, session: Session, reason: str) -> None:
         """Drop a session's record and KV; the edge hears `reason` and resends its tokens."""
+        log.info("session dropped", extra={"session": session.id, "reason": reason, "tokens": session.target.position})
         self.close(session.id)
         self._tombstones[session.id] = reason
         while len(self._tombstones) > TOMBSTONES:
