@@ -29,11 +29,19 @@ class VerifierBackend(Protocol):
 
 
 class DraftPolicy(Protocol):
-    """Decides the draft length; `FixedLength` here, the predictor-driven controller later."""
+    """Decides the draft length: an upper bound per round, and after each drafted token whether to stop.
+
+    `stop_after` sees the drafter's raw logits for the token just drafted (its position `index` in
+    the block, from 0) and `q`, the distribution it was drawn from (one-hot under greedy). After the
+    verifier answers, `observe` gets the round's outcome and the server's timing feedback.
+    """
 
     def max_draft(self) -> int: ...
 
-    def stop_after(self, index: int, probs: np.ndarray) -> bool: ...
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool: ...
+
+    def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
+                drafting_ms: list[float]) -> None: ...
 
 
 @dataclass
@@ -45,8 +53,12 @@ class FixedLength:
     def max_draft(self) -> int:
         return self.k
 
-    def stop_after(self, index: int, probs: np.ndarray) -> bool:
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
         return False
+
+    def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
+                drafting_ms: list[float]) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,7 @@ class SpeculativeEngine:
                 rtt_ms = (time.perf_counter() - t0) * 1000
                 last_rtt_ms = max(0.0, rtt_ms - result.verify_ms - result.queue_ms)  # the network's share
                 accepted = result.accepted
+                self.policy.observe(len(drafts), accepted, result, rtt_ms, draft_times)
                 wasted = sum(draft_times[accepted + 1:])
                 stats.rounds.append(RoundStats(len(drafts), accepted, sum(draft_times), wasted, rtt_ms,
                                                result.verify_ms, result.queue_ms))
@@ -156,13 +169,15 @@ class SpeculativeEngine:
         drafts, qs, times = [], [], []
         for index in range(budget):
             t0 = time.perf_counter()
-            q = probs_from_logits(self.drafter.logits(), params)
+            logits = self.drafter.logits()
+            q = probs_from_logits(logits, params)
             token = int(np.argmax(q)) if params.greedy else sample(q, rng)
             self.drafter.append(token)
             drafts.append(token)
             if not params.greedy:
                 qs.append(to_sparse(q))
-            times.append((time.perf_counter() - t0) * 1000)
-            if token in self.eos_ids or self.policy.stop_after(index, q):
+            stop = token in self.eos_ids or self.policy.stop_after(index, logits, q)
+            times.append((time.perf_counter() - t0) * 1000)  # the policy's own time counts as drafting
+            if stop:
                 break
         return drafts, qs, times
