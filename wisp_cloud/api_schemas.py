@@ -6,8 +6,6 @@ size, context length, the longest draft) are checked by the service, which knows
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_IDS = 1 << 20  # a hard ceiling on any id list before the model's own limits apply
@@ -92,46 +90,3 @@ class ErrorBody(BaseModel):
 
 class ErrorReply(BaseModel):
     error: ErrorBody
-
-
-# --- OpenAI-compatible (centralized mode) --------------------------------------------------------------
-
-
-class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not act on (user, logit_bias: refused below)
-
-    model: str = "default"
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension (vLLM): 0 disables")
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    slo_tokens_per_s: float | None = Field(None, gt=0, description="extension: target decoding rate")
-
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[int] = Field(..., description="text, or token ids")
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(..., min_length=1)

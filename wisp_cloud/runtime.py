@@ -18,11 +18,11 @@ from wisp_cloud.estimator import Margin, TimeEstimator
 from wisp_cloud.local_pair import chat_template_of
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import Transformer
-from wisp_cloud.openai_api import TextModel
 from wisp_cloud.profiler import default_profile_path, holdout_report, load_profile, run_profile, save_profile
 from wisp_cloud.service import VerifierService
 from wisp_cloud.settings import ServeSettings
 from wisp_cloud.tokenizer import load_tokenizer, target_token_pieces
+from wisp_edge.openai_compat import TextModel
 from wisp_edge.vocab import fingerprint
 
 log = logging.getLogger("wisp.runtime")
@@ -37,13 +37,14 @@ class Runtime:
     model: Transformer
     service: VerifierService
     text_model: TextModel
+    tokenizer: object  # tokenizers.Tokenizer
     profile_path: Path
     profile_note: str
 
     def app(self):
         from wisp_cloud.server import create_app
 
-        return create_app(self.service, self.text_model, api_key=self.settings.api_key)
+        return create_app(self.service, self.text_model, self.tokenizer, api_key=self.settings.api_key)
 
 
 def resolve_device(name: str) -> str:
@@ -117,8 +118,9 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         chat_template = chat_template_of(model_dir)
     except ValueError:
         chat_template = None  # a base model: /v1/completions only
-    text_model = TextModel(model_id, tokenizer, chat_template, model.args.max_seq_len, model.args.vocab_size)
-    return Runtime(settings, model, service, text_model, profile_path, note)
+    text_model = TextModel(model_id, model.args.max_seq_len, model.args.vocab_size,
+                           frozenset(model.args.eos_token_ids), chat_template)
+    return Runtime(settings, model, service, text_model, tokenizer, profile_path, note)
 
 
 def summary(rt: Runtime) -> str:

@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wisp_cloud.api_schemas import ErrorReply, SessionCreate, SessionCreated, VerifyBlock, VerifyReply
-from wisp_cloud.openai_api import TextModel, build_router
+from wisp_cloud.openai_api import build_router
 from wisp_cloud.service import ServiceError, VerifierService
+from wisp_edge.openai_compat import ApiError, TextModel, error_body
 from wisp_edge.sampling import SamplingParams
 
 log = logging.getLogger("wisp.server")
@@ -29,12 +30,10 @@ ERRORS = {code: {"model": ErrorReply} for code in (401, 404, 409, 410, 413, 422,
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
-    body = {"message": message, "type": kind, "code": code, **{k: v for k, v in extra.items() if v is not None}}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, code, message, **extra), status_code=status, headers=headers)
 
 
-def create_app(service: VerifierService, text_model: TextModel, *, api_key: str | None = None) -> FastAPI:
+def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
@@ -56,8 +55,8 @@ def create_app(service: VerifierService, text_model: TextModel, *, api_key: str 
             service.metrics.rejected.labels("auth").inc()
             raise ServiceError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
+    @app.exception_handler(ApiError)
+    async def service_error(request: Request, exc: ApiError):
         headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
@@ -134,7 +133,7 @@ def create_app(service: VerifierService, text_model: TextModel, *, api_key: str 
         return Response(status_code=204)
 
     app.include_router(sessions)
-    app.include_router(build_router(service, text_model), dependencies=[Depends(require_key)], responses=ERRORS)
+    app.include_router(build_router(service, text_model, tokenizer), dependencies=[Depends(require_key)], responses=ERRORS)
 
     @app.get("/v1/info", tags=["sessions"], dependencies=[Depends(require_key)],
              summary="What an edge needs before opening sessions")

@@ -34,6 +34,7 @@ from wisp_cloud.scheduler import INF, FcfsScheduler, VerifyJob, VerifyScheduler,
 from wisp_cloud.settings import ServeSettings
 from wisp_cloud.verification import InvalidDraftError, Verdict
 from wisp_cloud.verifier import Prefill, StalePositionError, TargetSession, Verifier, Verify
+from wisp_edge.openai_compat import ApiError
 from wisp_edge.sampling import SamplingParams
 
 log = logging.getLogger("wisp.service")
@@ -43,15 +44,8 @@ TOMBSTONES = 65536  # forgotten session ids remembered, so the edge hears "evict
 ATTAINMENT_WINDOW_S = 10.0
 
 
-class ServiceError(Exception):
-    """A refusal with an HTTP status, a stable machine-readable code and a reason for humans."""
-
-    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None,
-                 **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.retry_after = retry_after
-        self.extra = extra
+class ServiceError(ApiError):
+    """A refusal by the verifier service (HTTP status, stable code, reason, optional Retry-After)."""
 
 
 @dataclass

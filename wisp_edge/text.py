@@ -7,17 +7,17 @@ only once it no longer ends in a partial character, the approach of TGI and vLLM
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class IncrementalDecoder:
-    def __init__(self, tokenizer, *, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
+    """`decode` turns a list of ids into text (a tokenizer's decode, or a drafter's detokenize)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
         self.ids: list[int] = []
         self._prefix = 0  # window start: tokens before it are settled
         self._read = 0  # tokens whose text has been released
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token: int) -> str:
         """Add a token; return the text it completes ('' while a character is still partial)."""

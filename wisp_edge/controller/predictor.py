@@ -1,0 +1,185 @@
+"""When to stop drafting: the learned rejection predictor and the training-free fallbacks.
+
+`RejectionPredictor` is a 3-layer MLP run in numpy (the edge install has no torch). It reads the
+features of each drafted token (`features.FEATURE_NAMES`) and gives P(this token is the block's
+first rejection); `PredictorPolicy` stops the block once that reaches tau. Weights are trained for
+one drafter file (`tools/train_predictor.py`) and stored with its sha256 in
+`models/predictor/<name>.npz`; `load_predictor_for` refuses weights made for another drafter.
+Until weights exist, `ConfidencePolicy` (SLED: stop below a top-1 probability) or `EntropyPolicy`
+(AdaEDL's entropy bound) decide. All policies are pure: logits in, a decision out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from wisp_edge.controller.features import FEATURE_NAMES, BlockFeatures, distribution_stats, top1_prob
+from wisp_edge.drafters import MODELS_DIR
+from wisp_edge.protocol import VerifyResult
+
+PREDICTOR_DIR = MODELS_DIR / "predictor"
+
+
+@dataclass
+class RejectionPredictor:
+    """P(first rejection) from one feature row: sigmoid(MLP((x - mean) / scale))."""
+
+    layers: list[tuple[np.ndarray, np.ndarray]]  # 3 x (W [in, out], b [out]), ReLU between
+    mean: np.ndarray  # [n_features]
+    scale: np.ndarray  # [n_features]
+    tau: float  # stop when p_reject >= tau
+    drafter: str  # the short name it was trained for
+    drafter_sha256: str  # the drafter file it was trained for
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+    meta: dict = field(default_factory=dict)  # provenance (command, data sizes, held-out numbers)
+
+    def __post_init__(self) -> None:
+        assert len(self.layers) == 3, "a 3-layer MLP"
+        assert self.layers[0][0].shape[0] == len(self.feature_names) == self.mean.shape[0] == self.scale.shape[0]
+        assert self.layers[-1][0].shape[1] == 1
+        self._inv_scale = (1.0 / self.scale).astype(np.float32)
+
+    def logit(self, features: np.ndarray) -> np.ndarray:
+        """features: [n, n_features] -> [n] pre-sigmoid scores."""
+        h = (features - self.mean) * self._inv_scale  # [n, f]
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                np.maximum(h, 0.0, out=h)
+        return h[:, 0]
+
+    def p_reject_batch(self, features: np.ndarray) -> np.ndarray:
+        """features: [n, n_features] -> [n] probabilities of being the first rejection."""
+        return 1.0 / (1.0 + np.exp(-self.logit(features.astype(np.float32, copy=False))))
+
+    def p_reject(self, features: np.ndarray) -> float:
+        """features: [n_features] -> P(this drafted token is the block's first rejection)."""
+        z = float(self.logit(features.reshape(1, -1).astype(np.float32, copy=False))[0])
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def save(self, path: str | Path) -> None:
+        arrays = {f"w{i}": w for i, (w, _) in enumerate(self.layers)}
+        arrays |= {f"b{i}": b for i, (_, b) in enumerate(self.layers)}
+        meta = {"tau": self.tau, "drafter": self.drafter, "drafter_sha256": self.drafter_sha256,
+                "feature_names": list(self.feature_names), **self.meta}
+        np.savez(path, mean=self.mean, scale=self.scale, meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RejectionPredictor":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            layers = [(z[f"w{i}"].astype(np.float32), z[f"b{i}"].astype(np.float32)) for i in range(3)]
+            mean, scale = z["mean"].astype(np.float32), z["scale"].astype(np.float32)
+        names = tuple(meta.pop("feature_names"))
+        if names != FEATURE_NAMES:
+            raise ValueError(f"{path} was trained on features {names}, this build computes {FEATURE_NAMES}; "
+                             "retrain with tools/train_predictor.py")
+        return cls(layers, mean, scale, float(meta.pop("tau")), meta.pop("drafter"), meta.pop("drafter_sha256"),
+                   names, meta)
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime): drafters are ~100 MB."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def load_predictor_for(drafter, directory: str | Path = PREDICTOR_DIR) -> RejectionPredictor | None:
+    """The weights in `directory` trained for this drafter's file (by sha256), or None.
+
+    None also when the drafter has no file (`model_path`): callers then use a fallback policy.
+    """
+    model_path = getattr(drafter, "model_path", None)
+    directory = Path(directory)
+    if model_path is None or not Path(model_path).exists() or not directory.is_dir():
+        return None
+    sha = file_sha256(model_path)
+    for path in sorted(directory.glob("*.npz")):
+        try:
+            predictor = RejectionPredictor.load(path)
+        except (ValueError, KeyError, OSError):
+            continue  # weights for another feature set or a damaged file: not ours
+        if predictor.drafter_sha256 == sha:
+            return predictor
+    return None
+
+
+class _NoFeedback:
+    def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
+                drafting_ms: list[float]) -> None:
+        pass
+
+
+@dataclass
+class PredictorPolicy(_NoFeedback):
+    """Stop after the token whose predicted P(first rejection) reaches tau, or at k_max."""
+
+    predictor: RejectionPredictor
+    k_max: int = 8
+    tau: float | None = None  # None: the tau chosen at training time
+
+    def __post_init__(self) -> None:
+        assert self.k_max >= 1
+        self._features = BlockFeatures()
+        self._tau = self.predictor.tau if self.tau is None else self.tau
+
+    def max_draft(self) -> int:
+        return self.k_max
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        return self.predictor.p_reject(self._features(index, logits)) >= self._tau
+
+
+@dataclass
+class ConfidencePolicy(_NoFeedback):
+    """SLED's rule: stop after a token whose top-1 probability (temperature 1) is below the threshold."""
+
+    threshold: float = 0.5
+    k_max: int = 8
+
+    def max_draft(self) -> int:
+        return self.k_max
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        return top1_prob(logits) < self.threshold
+
+
+@dataclass
+class EntropyPolicy(_NoFeedback):
+    """AdaEDL's bound, simplified: stop when 1 - sqrt(gamma * H) < lam, H the drafter's entropy in nats.
+
+    1 - sqrt(gamma * H) approximates a lower bound on the token's acceptance probability. AdaEDL
+    also moves lam online with the observed acceptance rate; here lam is fixed.
+    """
+
+    lam: float = 0.5
+    gamma: float = 0.2
+    k_max: int = 8
+
+    def max_draft(self) -> int:
+        return self.k_max
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        return 1.0 - math.sqrt(self.gamma * distribution_stats(logits)[1]) < self.lam
+
+
+def policy_for(drafter, k_max: int = 8, directory: str | Path = PREDICTOR_DIR):
+    """The predictor policy when weights for this drafter exist, else SLED's confidence rule."""
+    predictor = load_predictor_for(drafter, directory)
+    return PredictorPolicy(predictor, k_max) if predictor else ConfidencePolicy(k_max=k_max)
