@@ -37,9 +37,9 @@ def _generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = sampling_from_args(args)
-    pair = LocalPair.load(args.drafter, args.model or DEFAULT_TARGET, n_threads=args.drafter_threads)
+    pair = LocalPair.load(args.drafter or "q4", args.model or DEFAULT_TARGET, n_threads=args.drafter_threads)
     prompt_ids = pair.chat_prompt_ids(args.chat) if args.chat else pair.drafter.tokenize(args.prompt)
-    engine = pair.engine(FixedLength(args.draft_length))
+    engine = pair.engine(FixedLength(args.draft_length or 6))
     tokens = []
     for token in engine.generate(prompt_ids, max_new_tokens=args.max_tokens, params=params):
         tokens.append(token)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from wisp_edge.cli_args import add_generation_arguments, sampling_from_args
+from wisp_edge.client import VerifierError
+from wisp_edge.controller.policy import POLICIES
 from wisp_edge.drafters import SHIPPED_DRAFTERS, load_drafter, resolve_drafter_path
 from wisp_edge.vocab import fingerprint
 
@@ -52,57 +53,115 @@ def _drafters(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    from wisp_edge.chat import render_chat
-    from wisp_edge.client import HttpVerifier, VerifierError
-    from wisp_edge.engine import FixedLength, SpeculativeEngine
+AGENT_FLAGS = ("server", "api_key", "drafter", "threads", "policy", "draft_length", "k_max", "allow_local",
+               "slo_tokens_per_s", "max_wait_s", "host", "port")
 
-    params = sampling_from_args(args)
-    drafter = load_drafter(args.drafter, n_threads=args.threads)
-    with HttpVerifier(args.server, api_key=args.api_key) as backend:
-        try:
-            info = backend.info()
-        except VerifierError as exc:
-            print(f"wisp-edge: cannot reach the verifier at {args.server}: {exc}", file=sys.stderr)
-            return 3
-        mine = fingerprint(drafter.token_pieces())
-        if mine != info["vocab_fingerprint"]:
-            print(f"wisp-edge: drafter {drafter.name} has vocabulary {mine} but {info['model']} has "
-                  f"{info['vocab_fingerprint']} (size:hash): they cannot speculate together", file=sys.stderr)
-            return 2
-        if args.chat is not None:
-            if not info.get("chat_template"):
-                print("wisp-edge: the served model has no chat template; use --prompt", file=sys.stderr)
-                return 2
-            text = render_chat(info["chat_template"], [{"role": "user", "content": args.chat}],
-                               bos_token=info.get("bos_token") or "", eos_token=info.get("eos_token") or "")
-        else:
-            text = args.prompt
-        prompt_ids = drafter.tokenize(text)
-        engine = SpeculativeEngine(drafter, backend, FixedLength(args.draft_length),
-                                   eos_ids=tuple(info["eos_token_ids"]), vocab_fingerprint=mine)
-        tokens, shown = [], ""
-        for token in engine.generate(prompt_ids, max_new_tokens=args.max_tokens, params=params):
-            if token.id in info["eos_token_ids"]:
-                break
-            tokens.append(token.id)
-            text_now = drafter.detokenize(tokens)
-            if not args.json and not text_now.endswith("\ufffd"):  # hold back a character split across tokens
+
+def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
+    """Options that become EdgeSettings (flags > WISP_EDGE_* environment > config file)."""
+    p.add_argument("--config", help="TOML settings file (default $WISP_EDGE_CONFIG or ~/.config/wisp/edge.toml)")
+    p.add_argument("--server", help="the verifier's URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="the verifier's API key (or WISP_API_KEY)")
+    p.add_argument("--threads", type=int, help="drafter threads (default 1)")
+    p.add_argument("--policy", choices=POLICIES, help="speculation controller (default wisp)")
+    p.add_argument("--k-max", type=int, help="longest draft the controller may choose (default 16)")
+    p.add_argument("--allow-local", action="store_true", default=None,
+                   help="if the verifier is unreachable, continue with drafter-only tokens marked unverified")
+    p.add_argument("--slo", dest="slo_tokens_per_s", type=float, help="tokens/s to ask the verifier for")
+    p.add_argument("--max-wait-s", type=float, help="how long to retry an unreachable or busy verifier (default 60)")
+
+
+def _agent(args):
+    from wisp_edge.agent import EdgeAgent
+    from wisp_edge.settings import load_settings
+
+    flags = {name: getattr(args, name, None) for name in AGENT_FLAGS}
+    if flags.get("draft_length") is not None and flags.get("policy") is None:
+        flags["policy"] = "fixed"  # -k alone means a fixed length
+    settings = load_settings(flags, getattr(args, "config", None))
+    return EdgeAgent(settings)
+
+
+def _stream_text(agent, tokens, *, show: bool):
+    """Print committed text as it comes (holding back a character split across tokens); returns the ids."""
+    ids, shown = [], ""
+    for token in tokens:
+        if token.id in agent.eos_ids:
+            break
+        ids.append(token.id)
+        if show:
+            text_now = agent.detokenize(ids)
+            if not text_now.endswith("\ufffd"):
                 print(text_now[len(shown):], end="", flush=True)
                 shown = text_now
-        stats = engine.stats.summary()
-    text = drafter.detokenize(tokens)
-    result = {"text": text, "token_ids": tokens, "stats": stats, "server": args.server, "drafter": drafter.name,
-              "resumes": backend.resumes}
+    if show:
+        print(agent.detokenize(ids)[len(shown):], flush=True)
+    return ids
+
+
+def _generate(args) -> int:
+    agent = _agent(args)
+    try:
+        if args.chat is not None:
+            prompt_ids = agent.chat_ids([{"role": "user", "content": args.chat}])
+        else:
+            prompt_ids = agent.tokenize(args.prompt)
+        tokens = agent.generate(prompt_ids, max_new_tokens=args.max_tokens, params=sampling_from_args(args))
+        ids = _stream_text(agent, tokens, show=not args.json)
+    finally:
+        agent.close()
+    stats = agent.last_stats.summary()
+    result = {"text": agent.detokenize(ids), "token_ids": ids, "stats": stats, "server": agent.settings.server,
+              "drafter": agent.drafter.name, "policy": agent.settings.policy, "resumes": agent.backend.resumes}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
-        print(text[len(shown):])
         print("\n--- round statistics ---")
         for key, value in stats.items():
             print(f"{key:>26}: {value}")
+    return 0
+
+
+def _chat(args) -> int:
+    agent = _agent(args)
+    params = sampling_from_args(args)
+    agent.connect()
+    print(f"chatting with {agent.info['model']} via {agent.settings.server} (drafter {agent.drafter.name}, "
+          f"policy {agent.settings.policy}); an empty line or Ctrl-D ends", flush=True)
+    messages: list[dict] = []
+    try:
+        while True:
+            try:
+                line = input("\n> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            messages.append({"role": "user", "content": line})
+            tokens = agent.generate(agent.chat_ids(messages), max_new_tokens=args.max_tokens, params=params)
+            ids = _stream_text(agent, tokens, show=True)
+            messages.append({"role": "assistant", "content": agent.detokenize(ids)})
+            s = agent.last_stats.summary()
+            print(f"[{s['new_tokens']} tokens, {s['tokens_per_s']} tok/s, {s['rounds']} rounds, acceptance "
+                  f"{s['acceptance_rate']:.0%}]", flush=True)
+    finally:
+        agent.close()
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from wisp_edge.local_api import create_app
+
+    agent = _agent(args)
+    app = create_app(agent)
+    print(f"WISP edge agent: drafter {agent.drafter.name} ({agent.settings.threads} threads), policy "
+          f"{agent.settings.policy}, verifier {agent.settings.server}; OpenAI-compatible API on "
+          f"http://{agent.settings.host}:{agent.settings.port}/v1", flush=True)
+    uvicorn.run(app, host=agent.settings.host, port=agent.settings.port, log_level="warning")
     return 0
 
 
@@ -122,20 +181,38 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("drafters", help="list the shipped drafters").set_defaults(func=_drafters)
     p = sub.add_parser("generate", help="speculative decoding: draft here, verify on a WISP server")
     add_generation_arguments(p, chat_help="a user message; the served model's chat template is applied")
-    p.add_argument("--server", default="http://127.0.0.1:8000", help="the verifier's URL")
-    p.add_argument("--api-key", default=None, help="the verifier's API key (or WISP_API_KEY)")
-    p.add_argument("--threads", type=int, default=1, help="drafter threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_agent_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     p.add_argument("--json-out", help="also write the result as JSON to this file")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("chat", help="a terminal chat through the verifier")
+    p.add_argument("--drafter", help="q4 (default) | student | ...")
+    p.add_argument("-k", "--draft-length", type=int)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    _add_agent_arguments(p)
+    p.set_defaults(func=_chat)
+    p = sub.add_parser("serve", help="a local OpenAI-compatible API for programs on this device")
+    p.add_argument("--drafter", help="q4 (default) | student | ...")
+    p.add_argument("-k", "--draft-length", type=int)
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    _add_agent_arguments(p)
+    p.set_defaults(func=_serve)
     args = parser.parse_args(argv)
-    if getattr(args, "api_key", None) is None and "WISP_API_KEY" in os.environ:
-        args.api_key = os.environ["WISP_API_KEY"]
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"wisp-edge: error: {exc}", file=sys.stderr)
         return 2
+    except VerifierError as exc:
+        print(f"wisp-edge: the verifier failed us: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

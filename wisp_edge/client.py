@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from wisp_edge.protocol import SessionStart, SessionStarted, VerifyRequest, VerifyResult
+from wisp_edge.protocol import SessionStart, SessionStarted, VerifierUnavailable, VerifyRequest, VerifyResult
 
 RESEND_CODES = {"session_evicted", "unknown_session", "stale_position"}
 
@@ -27,7 +27,11 @@ class VerifierError(RuntimeError):
     """The verifier could not be used (after retries)."""
 
 
-class VerifierBusy(VerifierError):
+class VerifierUnreachable(VerifierError, VerifierUnavailable):
+    """No answer from the verifier (connection refused, timeouts) for longer than we were willing to wait."""
+
+
+class VerifierBusy(VerifierError, VerifierUnavailable):
     """The verifier refused new work for longer than we were willing to wait."""
 
 
@@ -72,7 +76,7 @@ class HttpVerifier:
                 self.retries += 1
                 pause = min(self.backoff_s * 2 ** (failures - 1), 2.0)
                 if time.monotonic() + pause > deadline:
-                    raise VerifierError(f"{method} {path}: {exc!r}, still failing after {failures} tries "
+                    raise VerifierUnreachable(f"{method} {path}: {exc!r}, still failing after {failures} tries "
                                         f"over {self.max_wait_s:.0f} s") from exc
                 time.sleep(pause)
                 continue
@@ -146,7 +150,7 @@ class HttpVerifier:
         if remote is None:
             return
         try:
-            self.http.delete(f"/v1/sessions/{remote.server_id}")
+            self.http.delete(f"/v1/sessions/{remote.server_id}", timeout=2.0)
         except httpx.HTTPError:
             pass  # the server forgets idle sessions by itself
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from wisp_edge.drafters.base import Drafter
-from wisp_edge.protocol import SessionStart, SessionStarted, VerifyRequest, VerifyResult
+from wisp_edge.protocol import SessionStart, SessionStarted, VerifierUnavailable, VerifyRequest, VerifyResult
 from wisp_edge.sampling import SamplingParams, probs_from_logits, sample, to_sparse
 
 
@@ -65,7 +65,8 @@ class FixedLength:
 class CommittedToken:
     id: int
     from_draft: bool  # proposed by the drafter and accepted by the target
-    round: int
+    round: int  # -1: produced by the drafter alone while the verifier was unreachable
+    verified: bool = True  # False only under allow_local, when the verifier could not be reached
 
 
 @dataclass
@@ -85,6 +86,7 @@ class GenerationStats:
     prefill_ms: float = 0.0
     wall_s: float = 0.0
     new_tokens: int = 0
+    unverified: int = 0  # drafter-only tokens (allow_local, verifier unreachable)
 
     @property
     def mean_accepted(self) -> float:
@@ -105,13 +107,18 @@ class GenerationStats:
             "drafting_ms": round(sum(r.drafting_ms for r in self.rounds), 1),
             "wasted_drafting_ms": round(sum(r.wasted_drafting_ms for r in self.rounds), 1),
             "verify_ms": round(sum(r.verify_ms for r in self.rounds), 1), "prefill_ms": round(self.prefill_ms, 1),
+            "rtt_ms": round(sum(r.rtt_ms for r in self.rounds), 1), "queue_ms": round(sum(r.queue_ms for r in self.rounds), 1),
+            "unverified_tokens": self.unverified,
         }
 
 
 class SpeculativeEngine:
     def __init__(self, drafter: Drafter, backend: VerifierBackend, policy: DraftPolicy | None = None, *,
-                 eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None) -> None:
+                 eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None, allow_local: bool = False,
+                 slo_tokens_per_s: float | None = None) -> None:
         self.drafter, self.backend = drafter, backend
+        self.allow_local = allow_local
+        self.slo_tokens_per_s = slo_tokens_per_s
         self.policy = policy or FixedLength(4)
         self.eos_ids = set(eos_ids)
         self.vocab_fingerprint = vocab_fingerprint
@@ -119,13 +126,27 @@ class SpeculativeEngine:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int,
                  params: SamplingParams = SamplingParams()) -> Iterator[CommittedToken]:
-        """Yield committed tokens until EOS (included) or max_new_tokens; `self.stats` fills as it goes."""
+        """Yield committed tokens until EOS (included) or max_new_tokens; `self.stats` fills as it goes.
+
+        With `allow_local`, a verifier that stays unreachable (the backend raises VerifierUnavailable
+        after its own retries) does not end the answer: the rest is drafted by the device alone and
+        every such token is yielded with ``verified=False``.
+        """
         if max_new_tokens <= 0:
             return
         self.stats = stats = GenerationStats()
         start = time.perf_counter()
         rng = np.random.default_rng(params.seed)
-        started = self.backend.start_session(SessionStart(list(prompt_ids), params, self.vocab_fingerprint))
+        session_id = None
+        try:
+            started = self.backend.start_session(SessionStart(list(prompt_ids), params, self.vocab_fingerprint,
+                                                              self.slo_tokens_per_s))
+        except VerifierUnavailable:
+            if not self.allow_local:
+                raise
+            yield from self._local_only(list(prompt_ids), max_new_tokens, params, rng, start)
+            return
+        session_id = started.session_id
         stats.prefill_ms = started.prefill_ms
         committed = [*prompt_ids, started.first_token]
         stats.new_tokens = 1
@@ -142,9 +163,16 @@ class SpeculativeEngine:
                 budget = min(self.policy.max_draft(), max_new_tokens - stats.new_tokens - 1)
                 drafts, qs, draft_times = self._draft(budget, params, rng)
                 t0 = time.perf_counter()
-                result = self.backend.verify(VerifyRequest(
-                    started.session_id, len(committed), drafts, None if params.greedy else qs, round_no,
-                    drafting_ms=sum(draft_times), rtt_ms=last_rtt_ms, committed=committed))
+                try:
+                    result = self.backend.verify(VerifyRequest(
+                        session_id, len(committed), drafts, None if params.greedy else qs, round_no,
+                        drafting_ms=sum(draft_times), rtt_ms=last_rtt_ms, committed=committed))
+                except VerifierUnavailable:
+                    if not self.allow_local:
+                        raise
+                    self.drafter.truncate(len(committed))
+                    yield from self._local_only(committed, max_new_tokens, params, rng, start, resumed=True)
+                    return
                 rtt_ms = (time.perf_counter() - t0) * 1000
                 last_rtt_ms = max(0.0, rtt_ms - result.verify_ms - result.queue_ms)  # the network's share
                 accepted = result.accepted
@@ -163,7 +191,28 @@ class SpeculativeEngine:
                         return
         finally:
             stats.wall_s = time.perf_counter() - start
-            self.backend.close_session(started.session_id)
+            if session_id is not None:
+                try:
+                    self.backend.close_session(session_id)
+                except VerifierUnavailable:
+                    pass
+
+    def _local_only(self, committed: list[int], max_new_tokens: int, params: SamplingParams,
+                    rng: np.random.Generator, start: float, resumed: bool = False) -> Iterator[CommittedToken]:
+        """The drafter alone, every token marked unverified (only with allow_local)."""
+        stats = self.stats
+        if not resumed:
+            self.drafter.reset(committed)
+        while stats.new_tokens < max_new_tokens:
+            q = probs_from_logits(self.drafter.logits(), params)
+            token = int(np.argmax(q)) if params.greedy else sample(q, rng)
+            self.drafter.append(token)
+            stats.new_tokens += 1
+            stats.unverified += 1
+            yield CommittedToken(token, True, -1, verified=False)
+            if token in self.eos_ids:
+                break
+        stats.wall_s = time.perf_counter() - start
 
     def _draft(self, budget: int, params: SamplingParams, rng: np.random.Generator):
         drafts, qs, times = [], [], []

@@ -15,6 +15,10 @@ from wisp_edge.sampling import SamplingParams
 SparseDist = tuple[list[int], list[float]]
 
 
+class VerifierUnavailable(RuntimeError):
+    """The verifier cannot be reached or keeps refusing work, after the backend's own retries."""
+
+
 @dataclass
 class SessionStart:
     prompt_ids: list[int]

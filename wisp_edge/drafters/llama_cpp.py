@@ -42,6 +42,13 @@ class LlamaCppDrafter:
     def vocab_size(self) -> int:
         return self._llm.n_vocab()
 
+    def offline_info(self) -> dict:
+        """What the agent needs when no verifier can tell it: EOS and the chat template in the GGUF."""
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        return {"eos_token_ids": [int(self._llm.token_eos())], "chat_template": template,
+                "bos_token": self.detokenize([int(self._llm.token_bos())]) if template else None,
+                "eos_token": self.detokenize([int(self._llm.token_eos())]) if template else None}
+
     @property
     def n_ctx(self) -> int:
         return self._llm.n_ctx()

@@ -1,0 +1,152 @@
+"""The headless edge agent against the real verifier on loopback: `wisp-edge generate` as other tools
+call it, the local OpenAI-compatible API driven by the official OpenAI client, drafting with no
+verifier (`--allow-local`), and a storm of 429s survived without losing a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODELS, ROOT
+from tests.live_server import LiveServer, free_port
+from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
+from wisp_cloud.generate import generate
+from wisp_cloud.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def verifier(tmp_path_factory, profile_path):  # noqa: F811
+    log = tmp_path_factory.mktemp("verifier") / "server.log"
+    with LiveServer("--threads", "1", "--profile", str(profile_path), "--log-level", "warning",
+                    log_path=log) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODELS / "target")
+
+
+def _edge(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    environment["WISP_EDGE_CONFIG"] = os.devnull + ".absent"  # no user config file in tests
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "wisp_edge.cli", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_continues_raw_text_exactly_as_the_target(verifier, tokenizer, target_model):
+    prompt = "The three primary colours are"
+    run = _edge("generate", "--server", verifier.url, "--prompt", prompt, "--max-tokens", "24",
+                "--temperature", "0", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    ids = tokenizer.encode(prompt).ids  # the target tokenizer's default: no BOS for SmolLM2
+    want = generate(target_model, ids, max_new_tokens=24, eos_ids=(2,))
+    assert out["token_ids"] == [t for t in want if t != 2]
+    assert out["text"] == tokenizer.decode(out["token_ids"])
+    assert out["stats"]["rounds"] >= 1 and out["stats"]["new_tokens"] == len(want)
+
+
+def test_generate_fails_readably_without_a_verifier():
+    run = _edge("generate", "--server", f"http://127.0.0.1:{free_port()}", "--prompt", "Hi", "--max-wait-s", "1",
+                "--json")
+    assert run.returncode != 0 and "verifier" in run.stderr.lower() and "Traceback" not in run.stderr
+
+
+def test_allow_local_drafts_alone_and_marks_every_token_unverified():
+    run = _edge("generate", "--server", f"http://127.0.0.1:{free_port()}", "--prompt", "Once upon a time",
+                "--max-tokens", "12", "--max-wait-s", "1", "--allow-local", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert len(out["token_ids"]) >= 1 and out["stats"]["unverified_tokens"] == out["stats"]["new_tokens"] >= 1
+
+
+@pytest.fixture(scope="module")
+def edge_api(verifier, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("edge") / "edge.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    proc = subprocess.Popen([sys.executable, "-m", "wisp_edge.cli", "serve", "--server", verifier.url,
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("wisp-edge serve did not become healthy")
+    yield url
+    proc.terminate()
+    proc.wait(15)
+
+
+def test_the_official_openai_client_talks_to_the_edge(edge_api, tokenizer, target_model, q4_pair):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{edge_api}/v1", api_key="unused")
+    assert client.models.list().data[0].id == "SmolLM2-135M-Instruct"
+    prompt = "The capital of Italy is"
+    completion = client.completions.create(model="default", prompt=prompt, max_tokens=12, temperature=0)
+    want = generate(target_model, tokenizer.encode(prompt).ids, max_new_tokens=12, eos_ids=(2,))
+    assert completion.choices[0].text == tokenizer.decode([t for t in want if t != 2], skip_special_tokens=True)
+
+    question = "What is the capital of France?"
+    greedy = generate(target_model, q4_pair.chat_prompt_ids(question), max_new_tokens=30, eos_ids=(2,))
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": question}],
+                                            max_tokens=30, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == tokenizer.decode(greedy, skip_special_tokens=True)
+    assert len([p for p in pieces if p]) > 1
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{edge_api}/metrics").text)}
+    assert all(name.startswith("wisp_edge_") for name in families)
+    values = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert values["wisp_edge_drafts_total"] >= 2
+    assert values["wisp_edge_draft_tokens_total"] >= values["wisp_edge_accepted_tokens_total"] > 0
+    per_position = [s for s in families["wisp_edge_accepted_per_position"].samples if s.name.endswith("_total")]
+    assert sum(s.value for s in per_position) == values["wisp_edge_accepted_tokens_total"]
+
+
+def test_a_429_storm_is_survived_without_losing_a_token(tmp_path, profile_path, q4_pair, target_model):  # noqa: F811
+    from wisp_edge.agent import EdgeAgent
+    from wisp_edge.drafters import load_drafter
+    from wisp_edge.settings import EdgeSettings
+
+    with LiveServer("--threads", "1", "--profile", str(profile_path), "--max-backlog-ms", "1",
+                    "--log-level", "warning", log_path=tmp_path / "log") as server:
+        questions = ["Name a fruit.", "Name a colour.", "Name a planet."]
+        results: dict[int, list[int]] = {}
+        together = threading.Barrier(len(questions))
+
+        def run(i: int) -> None:
+            drafter = q4_pair.drafter if i == 0 else load_drafter("q4", n_threads=1)
+            agent = EdgeAgent(EdgeSettings(server=server.url, max_wait_s=120), drafter=drafter)
+            prompt = agent.chat_ids([{"role": "user", "content": questions[i]}])
+            together.wait()  # every session opens at once: the later ones meet a backlog and get 429
+            results[i] = [t.id for t in agent.generate(prompt, max_new_tokens=16)]
+            agent.close()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rejected = sum(s.value for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+                       for s in f.samples if s.name == "wisp_rejected_requests_total")
+        for i, q in enumerate(questions):
+            assert results[i] == generate(target_model, q4_pair.chat_prompt_ids(q), max_new_tokens=16, eos_ids=(2,))
+        assert rejected >= 1  # the storm happened and was ridden out

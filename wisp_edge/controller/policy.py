@@ -1,0 +1,57 @@
+"""The speculation controller: a stop rule inside an adaptive length bound, chosen by name.
+
+- `wisp`: the rejection predictor trained for this drafter (or, with no matching weights, the
+  confidence fallback) stops each draft, inside `DraftBound`, the length that maximises committed
+  tokens per unit time given the measured RTT, drafting speed, acceptance and server feedback.
+- `sled`: the SLED baseline, confidence threshold 0.5 with k_max 8, no feedback.
+- `fixed`: always `draft_length` tokens (SLED's fixed-length variant).
+- `confidence` / `entropy`: the training-free rules alone, inside the adaptive bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wisp_edge.controller.bounds import DraftBound
+from wisp_edge.controller.predictor import ConfidencePolicy, EntropyPolicy, policy_for
+from wisp_edge.engine import DraftPolicy, FixedLength
+from wisp_edge.protocol import VerifyResult
+
+POLICIES = ("wisp", "sled", "fixed", "confidence", "entropy")
+
+
+@dataclass
+class Controller:
+    """`stop_rule` ends a draft; `bound` (when given) sets the most tokens a round may draft."""
+
+    stop_rule: DraftPolicy
+    bound: DraftBound | None = None
+
+    def max_draft(self) -> int:
+        return self.bound.best_k() if self.bound else self.stop_rule.max_draft()
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        return self.stop_rule.stop_after(index, logits, q)
+
+    def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
+                drafting_ms: list[float]) -> None:
+        self.stop_rule.observe(drafted, accepted, result, rtt_ms, drafting_ms)
+        if self.bound is not None:
+            self.bound.observe(drafted, accepted, drafting_ms=drafting_ms, rtt_ms=rtt_ms, queue_ms=result.queue_ms,
+                               verify_ms=result.verify_ms, suggested=result.suggested_max_draft)
+
+
+def make_policy(name: str, drafter, *, k_max: int = 16, draft_length: int = 6) -> DraftPolicy:
+    if name == "fixed":
+        return FixedLength(draft_length)
+    if name == "sled":
+        return ConfidencePolicy(threshold=0.5, k_max=8)
+    if name == "wisp":
+        return Controller(policy_for(drafter, k_max=k_max), DraftBound(k_max=k_max))
+    if name == "confidence":
+        return Controller(ConfidencePolicy(k_max=k_max), DraftBound(k_max=k_max))
+    if name == "entropy":
+        return Controller(EntropyPolicy(k_max=k_max), DraftBound(k_max=k_max))
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
