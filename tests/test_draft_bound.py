@@ -1,0 +1,62 @@
+"""The adaptive draft-length bound: long drafts when the round trip dominates, short ones when drafting
+is slow or acceptance poor, capped by the server's suggestion, and following a changing network."""
+
+from __future__ import annotations
+
+import pytest
+
+from wisp_edge.controller.bounds import DraftBound, Ewma, expected_committed
+from wisp_edge.controller.policy import Controller, make_policy
+from wisp_edge.engine import FixedLength
+from wisp_edge.protocol import VerifyResult
+
+
+def test_expected_committed_by_hand():
+    assert expected_committed(0.5, 0) == 1.0
+    assert expected_committed(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_committed(1.0, 5) == 6.0
+
+
+def bound(alpha, draft_ms, network_ms, server_ms=10.0, k_max=16):
+    return DraftBound(k_max=k_max, alpha=Ewma(alpha), draft_ms=Ewma(draft_ms), network_ms=Ewma(network_ms),
+                      server_ms=Ewma(server_ms))
+
+
+def test_a_long_round_trip_makes_longer_drafts_pay():
+    near, far = bound(0.8, 10, 5).best_k(), bound(0.8, 10, 200).best_k()
+    assert far > near >= 1
+
+
+def test_poor_acceptance_or_slow_drafting_shortens_the_draft():
+    assert bound(0.3, 10, 50).best_k() < bound(0.9, 10, 50).best_k()
+    assert bound(0.8, 80, 50).best_k() < bound(0.8, 5, 50).best_k()
+
+
+def test_best_k_is_the_argmax_of_tokens_per_time():
+    b = bound(0.7, 12, 40)
+    k = b.best_k()
+    rate = lambda k: expected_committed(0.7, k) / (k * 12 + 40 + 10)  # noqa: E731
+    assert all(rate(k) >= rate(j) for j in range(1, 17))
+
+
+def test_the_server_suggestion_caps_the_bound_and_observations_move_it():
+    b = bound(0.95, 5, 300)
+    assert b.best_k() == 16
+    result = VerifyResult(accepted=2, token=7, verify_ms=20, queue_ms=5, suggested_max_draft=3)
+    b.observe(3, 2, drafting_ms=[5, 5, 5], rtt_ms=325, queue_ms=5, verify_ms=20, suggested=3)
+    assert b.best_k() <= 3
+    # The network gets fast: a few rounds later the estimate follows.
+    for _ in range(15):
+        b.observe(3, 3, drafting_ms=[5, 5, 5], rtt_ms=30, queue_ms=5, verify_ms=20, suggested=None)
+    assert b.network_ms.value < 20 and b.suggested is None
+    controller = Controller(FixedLength(4), b)
+    controller.observe(3, 1, result, 40.0, [5.0, 5.0, 5.0])
+    assert b.suggested == 3 and controller.max_draft() <= 3
+
+
+def test_policies_by_name(q4_pair):
+    assert isinstance(make_policy("fixed", q4_pair.drafter, draft_length=5), FixedLength)
+    assert make_policy("sled", q4_pair.drafter).max_draft() == 8
+    assert isinstance(make_policy("wisp", q4_pair.drafter), Controller)
+    with pytest.raises(ValueError):
+        make_policy("magic", q4_pair.drafter)
