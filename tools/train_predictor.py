@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Train the rejection predictor (`wisp_edge.controller`) for the shipped drafters, against the real target.
 
-    python tools/train_predictor.py --drafter all [--minutes 6] [--heldout-minutes 2] [--k 10] [--out models/predictor]
+    python tools/train_predictor.py --drafter all        # ~25 min on 2 cores; budgets per drafter in DEFAULTS
+    python tools/train_predictor.py --drafter q4 --reuse-data   # retrain from the cached rounds
 
 1. Collect: greedy generation through the real engine and the in-process verifier (the code the
    server runs), with fixed drafts of k tokens, on training chat prompts (wisp_cloud.distill.prompts,
@@ -10,13 +11,13 @@
    it (excluded from training and metrics, kept to count waste).
 2. Train the 3-layer MLP in torch with class-weighted BCE; train/validation split by prompt.
 3. tau: maximise TPR - FPR on validation (Youden's J: stopped first rejections minus stopped
-   accepted tokens); the simulated throughput of the cost model is printed alongside.
+   accepted tokens). Two other operating points are reported: the paper's (80% of acceptable
+   tokens kept) and the best throughput of a simple cost model (measured drafting and verify time).
 4. Evaluate on models/student/heldout_prompts.jsonl (never trained on): miss rate at the first
    rejection and recall of acceptable tokens for the predictor and both fallbacks, per-call latency.
 Writes <out>/<drafter>.npz (numpy weights + features' mean/scale + tau + drafter sha256) and
-<out>/manifest.json; collected rounds are cached in --data-dir (use --reuse-data to retrain).
+<out>/manifest.json; collected rounds are cached in --data-dir (--reuse-data trains from them).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,16 @@ from wisp_cloud.model.loader import load_model  # noqa: E402
 from wisp_edge.controller.features import FEATURE_NAMES, BlockFeatures  # noqa: E402
 from wisp_edge.controller.predictor import (ConfidencePolicy, EntropyPolicy, PredictorPolicy,  # noqa: E402
                                             RejectionPredictor, file_sha256)
-from wisp_edge.drafters import resolve_drafter_path  # noqa: E402
+from wisp_edge.drafters import SHIPPED_DRAFTERS, resolve_drafter_path  # noqa: E402
 
 HELDOUT = ROOT / "models" / "student" / "heldout_prompts.jsonl"
 EXCLUDED, ACCEPTED, FIRST_REJECTED = -1, 0, 1
+# Per drafter, unless a flag says otherwise. q4 rejects ~2.5% of tokens, so it needs long answers and
+# more rounds for positives; the student rejects about every other token, so k = 8 loses almost
+# nothing (few blocks get that far) and shorter answers spread its budget over more prompts.
+DEFAULTS = {"q4": dict(k=10, answer_tokens=128, minutes=8.0, heldout_minutes=6.0),
+            "student": dict(k=8, answer_tokens=64, minutes=8.0, heldout_minutes=3.0)}
+HIDDEN = (64, 32)
 
 
 def log(msg: str) -> None:
@@ -56,27 +63,34 @@ def log(msg: str) -> None:
 
 @dataclass
 class RecordingPolicy:
-    """FixedLength(k) that keeps each drafted token's features and labels them from the verdict."""
+    """FixedLength(k) that keeps each drafted token's features and labels them from the verdict.
+
+    A drafted EOS ends the block before the policy is asked about it, so it has no feature row
+    and no label.
+    """
 
     k: int
     features: list = field(default_factory=list)  # [F] float32 per drafted token
     labels: list = field(default_factory=list)
-    rounds: list = field(default_factory=list)  # (drafted, accepted, drafting ms, verify ms)
+    rounds: list = field(default_factory=list)  # (drafted, accepted, drafting ms, verify ms, feature rows)
 
     def __post_init__(self) -> None:
         self._block_features = BlockFeatures()
+        self._rows = 0
 
     def max_draft(self) -> int:
         return self.k
 
     def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
         self.features.append(self._block_features(index, logits))
+        self._rows += 1
         return False
 
     def observe(self, drafted, accepted, result, rtt_ms, drafting_ms) -> None:
-        self.labels += [ACCEPTED] * accepted + [FIRST_REJECTED] * (accepted < drafted)
-        self.labels += [EXCLUDED] * (drafted - accepted - 1)
-        self.rounds.append((drafted, accepted, sum(drafting_ms), result.verify_ms))
+        labels = [ACCEPTED] * accepted + [FIRST_REJECTED] * (accepted < drafted) + [EXCLUDED] * (drafted - accepted - 1)
+        self.labels += labels[: self._rows]
+        self.rounds.append((drafted, accepted, sum(drafting_ms), result.verify_ms, self._rows))
+        self._rows = 0
 
 
 def collect(pair: LocalPair, prompts: list[str], *, k: int, answer_tokens: int, max_prompt: int, minutes: float,
@@ -99,19 +113,20 @@ def collect(pair: LocalPair, prompts: list[str], *, k: int, answer_tokens: int, 
         for _ in engine.generate(ids, max_new_tokens=answer_tokens):
             pass
         for r in range(n_rounds, len(policy.rounds)):
-            token_round += [r] * policy.rounds[r][0]
+            token_round += [r] * policy.rounds[r][4]
             round_prompt.append(i)
         token_prompt += [i] * (len(policy.labels) - len(token_prompt))
         used += 1
         labels = np.asarray(policy.labels)
         bar.set_postfix(tokens=int((labels >= 0).sum()), rejections=int((labels == 1).sum()), refresh=False)
     bar.close()
-    rounds = np.asarray(policy.rounds, dtype=np.float64).reshape(-1, 4)
+    rounds = np.asarray(policy.rounds, dtype=np.float64).reshape(-1, 5)
     assert len(token_round) == len(policy.labels) == len(policy.features)
     return dict(features=np.stack(policy.features).astype(np.float32), labels=np.asarray(policy.labels, np.int8),
                 prompt=np.asarray(token_prompt, np.int32), round=np.asarray(token_round, np.int32),
                 round_drafted=rounds[:, 0].astype(np.int32), round_accepted=rounds[:, 1].astype(np.int32),
-                round_draft_ms=rounds[:, 2], round_verify_ms=rounds[:, 3], round_prompt=np.asarray(round_prompt, np.int32),
+                round_draft_ms=rounds[:, 2], round_verify_ms=rounds[:, 3],
+                round_prompt=np.asarray(round_prompt, np.int32),
                 prompts_used=np.int32(used), minutes=np.float64((time.time() - start) / 60))
 
 
@@ -133,7 +148,7 @@ def mlp(n_in: int, hidden: tuple[int, int]) -> torch.nn.Sequential:
                                torch.nn.ReLU(), torch.nn.Linear(hidden[1], 1))
 
 
-def train_mlp(x_train, y_train, x_val, y_val, *, hidden=(64, 32), epochs=200, patience=20, seed=0):
+def train_mlp(x_train, y_train, x_val, y_val, *, hidden=HIDDEN, epochs=200, patience=20, seed=0):
     """Class-weighted BCE with Adam; keeps the epoch with the best validation loss.  x: [n, F], y: [n] in {0, 1}."""
     torch.manual_seed(seed)
     mean, scale = x_train.mean(0), x_train.std(0) + 1e-6  # [F]
@@ -218,7 +233,9 @@ def fallback_stops(features: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def choose_tau(p: np.ndarray, labels: np.ndarray) -> float:
-    """Youden's J on validation: the tau maximising (stopped first rejections) - (stopped accepted tokens)."""
+    """Youden's J on validation: the tau maximising (stopped first rejections) - (stopped accepted tokens).
+
+    p: [n] scores, stop when p >= tau; labels: [n], -1 rows ignored."""
     keep = labels >= 0
     p, y = p[keep], labels[keep]
     best_tau, best_j = 0.5, -1.0
@@ -262,14 +279,16 @@ def split_by_prompt(data: dict, val_share: float, seed: int) -> tuple[np.ndarray
 
 
 def subset(data: dict, mask: np.ndarray) -> dict:
-    return {"features": data["features"][mask], "labels": data["labels"][mask], "round": data["round"][mask]}
+    return {key: data[key][mask] for key in ("features", "labels", "round", "prompt")}
 
 
-def load_or_collect(path: Path, reuse: bool, make) -> dict:
+def load_or_collect(path: Path, reuse: bool, make, command: str) -> dict:
+    """The cached rounds at `path` when reusing and present, else collect them (and cache)."""
     if reuse and path.exists():
         with np.load(path) as z:
             return dict(z)
     data = make()
+    data["command"] = np.array(command)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **data)
     return data
@@ -278,66 +297,85 @@ def load_or_collect(path: Path, reuse: bool, make) -> dict:
 def sizes(data: dict) -> dict:
     labels = data["labels"]
     return {"prompts": int(len(np.unique(data["prompt"]))), "rounds": int(len(np.unique(data["round"]))),
-            "drafted": int(len(labels)), "accepted": int((labels == 0).sum()), "first_rejected": int((labels == 1).sum()),
-            "excluded": int((labels == -1).sum())}
+            "drafted": int(len(labels)), "accepted": int((labels == ACCEPTED).sum()),
+            "first_rejected": int((labels == FIRST_REJECTED).sum()), "excluded": int((labels == EXCLUDED).sum())}
+
+
+def evaluate(predictor: RejectionPredictor, val: dict, held: dict, cost: dict, k: int) -> dict:
+    """Held-out metrics per rule: the predictor, the fallbacks at their defaults and tuned, fixed k."""
+    p_held = predictor.p_reject_batch(held["features"])
+    rules = {"predictor": p_held >= predictor.tau, **fallback_stops(held["features"])}
+    # The fallbacks' single statistic with its threshold tuned like tau, for a like-for-like comparison.
+    for rule, column, sign in (("confidence_tuned", 0, -1.0), ("entropy_tuned", 1, 1.0)):
+        threshold = choose_tau(sign * val["features"][:, column], val["labels"])
+        label = f"{rule}({FEATURE_NAMES[column]} {'<=' if sign < 0 else '>='} {sign * threshold:.3f})"
+        rules[label] = sign * held["features"][:, column] >= threshold
+    rules[f"fixed_k{k}"] = np.zeros(len(p_held), bool)
+    results = {rule: {**stop_metrics(stops, held["labels"]), **simulate(held, stops, **cost)}
+               for rule, stops in rules.items()}
+    labelled, y = held["labels"] >= 0, (held["labels"] == FIRST_REJECTED).astype(int)
+    conf_rule, entropy_rule = list(fallback_stops(held["features"][:1]))
+    scores = {"predictor": p_held, conf_rule: -held["features"][:, 0], entropy_rule: held["features"][:, 1]}
+    for rule, score in scores.items():
+        results[rule]["auc"] = round(auc(score[labelled], y[labelled]), 4)  # of the score the rule thresholds
+    # Two other operating points, tuned on validation: the paper's (keep 80% of acceptable tokens), and
+    # the best simulated throughput under this machine's cost model (tau > 1: never stop early).
+    p_val = predictor.p_reject_batch(val["features"])
+    tau80 = float(np.quantile(p_val[val["labels"] == ACCEPTED], 0.80))
+    candidates = [*np.unique(np.quantile(p_val, np.linspace(0.0, 1.0, 101))), 1.01]
+    tau_fast = max(candidates, key=lambda t: simulate(val, p_val >= t, **cost)["tokens_per_s"])
+    for rule, t in (("predictor_at_recall_0.80", tau80), ("predictor_at_best_sim_throughput", tau_fast)):
+        results[rule] = {"tau": round(float(t), 4), **stop_metrics(p_held >= t, held["labels"]),
+                         **simulate(held, p_held >= t, **cost)}
+    return results
 
 
 def run_drafter(name: str, model, train_texts: list[str], held_texts: list[str], a) -> dict:
     pair = LocalPair.load(name, a.target, model=model, n_threads=1)
-    kw = dict(k=a.k, answer_tokens=a.answer_tokens, max_prompt=a.max_prompt)
-    data_dir = Path(a.data_dir)
-    train_data = load_or_collect(data_dir / f"{name}_train_k{a.k}.npz", a.reuse_data, lambda: collect(
-        pair, train_texts, minutes=a.minutes, desc=f"{name} train", **kw))
-    held = load_or_collect(data_dir / f"{name}_heldout_k{a.k}.npz", a.reuse_data, lambda: collect(
-        pair, held_texts, minutes=a.heldout_minutes, desc=f"{name} held-out", **kw))
-    log(f"{name}: train data {sizes(train_data)} in {float(train_data['minutes']):.1f} min; "
+    o = {key: getattr(a, key) if getattr(a, key) is not None else value for key, value in DEFAULTS[name].items()}
+    k, kw = o["k"], dict(k=o["k"], answer_tokens=o["answer_tokens"], max_prompt=a.max_prompt)
+    data = load_or_collect(a.data_dir / f"{name}_train_k{k}.npz", a.reuse_data, lambda: collect(
+        pair, train_texts, minutes=o["minutes"], desc=f"{name} train", **kw), a.command)
+    held = load_or_collect(a.data_dir / f"{name}_heldout_k{k}.npz", a.reuse_data, lambda: collect(
+        pair, held_texts, minutes=o["heldout_minutes"], desc=f"{name} held-out", **kw), a.command)
+    log(f"{name}: train data {sizes(data)} in {float(data['minutes']):.1f} min; "
         f"held-out {sizes(held)} in {float(held['minutes']):.1f} min")
 
-    tr_mask, val_mask = split_by_prompt(train_data, a.val_share, a.seed)
-    tr, val = subset(train_data, tr_mask), subset(train_data, val_mask)
+    tr_mask, val_mask = split_by_prompt(data, a.val_share, a.seed)
+    tr, val = subset(data, tr_mask), subset(data, val_mask)
     lab_tr, lab_val = tr["labels"] >= 0, val["labels"] >= 0
     t0 = time.time()
     layers, mean, scale, info = train_mlp(tr["features"][lab_tr], tr["labels"][lab_tr], val["features"][lab_val],
-                                          val["labels"][lab_val], seed=a.seed)
+                                          val["labels"][lab_val], hidden=HIDDEN, seed=a.seed)
     train_s = time.time() - t0
     predictor = RejectionPredictor(layers, mean, scale, 0.5, name, file_sha256(resolve_drafter_path(name)))
-    predictor.tau = tau = choose_tau(predictor.p_reject_batch(val["features"]), val["labels"])
-    log(f"{name}: trained in {train_s:.1f} s ({info}); tau = {tau:.4f} (Youden's J on validation)")
+    predictor.tau = choose_tau(predictor.p_reject_batch(val["features"]), val["labels"])
+    log(f"{name}: trained in {train_s:.1f} s ({info}); tau = {predictor.tau:.4f} (Youden's J on validation)")
 
-    # Held-out: per-token metrics and the replayed rounds, predictor vs fallbacks vs fixed k.
-    draft_ms = float(train_data["round_draft_ms"].sum() / train_data["round_drafted"].sum())
-    round_ms = float(train_data["round_verify_ms"].mean()) + a.rtt_ms
-    p_held = predictor.p_reject_batch(held["features"])
-    rules = {"predictor": p_held >= tau, **fallback_stops(held["features"]), f"fixed_k{a.k}": np.zeros(len(p_held), bool)}
-    labelled = held["labels"] >= 0
-    results = {}
-    for rule, stops in rules.items():
-        results[rule] = {**stop_metrics(stops, held["labels"]), **simulate(held, stops, draft_ms, round_ms)}
-    results["predictor"]["auc"] = round(auc(p_held[labelled], held["labels"][labelled].astype(int)), 4)
-    # The paper's operating point for comparison: the tau keeping 80% of acceptable tokens on validation.
-    p_val = predictor.p_reject_batch(val["features"])
-    tau80 = float(np.quantile(p_val[val["labels"] == 0], 0.80))
-    results["predictor_at_recall_0.80"] = {"tau": round(tau80, 4), **stop_metrics(p_held >= tau80, held["labels"])}
-
+    later = np.r_[False, np.diff(data["round_prompt"]) == 0]  # a prompt's first round also prefills the drafter
+    cost = {"draft_ms": float(data["round_draft_ms"][later].sum() / data["round_drafted"][later].sum()),
+            "round_ms": float(data["round_verify_ms"].mean()) + a.rtt_ms}
+    results = evaluate(predictor, val, held, cost, k)
     rows = logits_rows(pair, held_texts[0])
-    latency = {"predictor": latency_us(PredictorPolicy(predictor, a.k), rows),
+    latency = {"predictor": latency_us(PredictorPolicy(predictor, k), rows),
                "confidence": latency_us(ConfidencePolicy(), rows), "entropy": latency_us(EntropyPolicy(), rows)}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    predictor.meta = {"k": a.k, "tau_rule": "youden_j_on_validation", "trained": time.strftime("%Y-%m-%d %H:%M:%S")}
-    predictor.save(out / f"{name}.npz")
-    assert RejectionPredictor.load(out / f"{name}.npz").drafter_sha256 == predictor.drafter_sha256
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"{name}.npz"
+    predictor.meta = {"k": k, "tau_rule": "youden_j_on_validation", "trained": time.strftime("%Y-%m-%d %H:%M:%S")}
+    predictor.save(path)
+    assert RejectionPredictor.load(path).drafter_sha256 == predictor.drafter_sha256
     report = {
-        "drafter": name, "drafter_file": str(resolve_drafter_path(name).relative_to(ROOT)),
-        "drafter_sha256": predictor.drafter_sha256, "weights": f"{name}.npz",
-        "weights_sha256": file_sha256(out / f"{name}.npz"), "tau": round(tau, 6), "tau_rule": "Youden's J on validation",
-        "features": list(FEATURE_NAMES), "hidden": [64, 32],
+        "drafter": name, "drafter_file": SHIPPED_DRAFTERS[name], "drafter_sha256": predictor.drafter_sha256,
+        "weights": path.name, "weights_sha256": file_sha256(path), "tau": round(predictor.tau, 6),
+        "tau_rule": "Youden's J on validation", "features": list(FEATURE_NAMES), "hidden": list(HIDDEN),
         "data": {"train": sizes(tr), "validation": sizes(val), "heldout": sizes(held),
-                 "collection_minutes": {"train": round(float(train_data["minutes"]), 1),
-                                        "heldout": round(float(held["minutes"]), 1)}},
+                 "collection_minutes": {"train": round(float(data["minutes"]), 1),
+                                        "heldout": round(float(held["minutes"]), 1)},
+                 "collected_by": {"train": str(data.get("command", "?")), "heldout": str(held.get("command", "?"))}},
         "training": {**info, "seconds": round(train_s, 1)},
-        "cost_model": {"draft_ms_per_token": round(draft_ms, 2), "round_ms": round(round_ms, 2),
-                       "note": f"measured drafting and verify time here, plus --rtt-ms {a.rtt_ms}"},
+        "cost_model": {**{k: round(v, 2) for k, v in cost.items()},
+                       "note": f"drafting and verify time measured while collecting, plus --rtt-ms {a.rtt_ms}"},
         "heldout": results, "latency_us_per_call": latency}
     print_report(report)
     return report
@@ -345,15 +383,17 @@ def run_drafter(name: str, model, train_texts: list[str], held_texts: list[str],
 
 def print_report(r: dict) -> None:
     print(f"\n== {r['drafter']}: tau {r['tau']:.4f}, held-out {r['data']['heldout']}")
-    print(f"{'rule':<32}{'miss@1st-rej':>13}{'recall-ok':>10}{'drafted/rd':>11}{'commit/rd':>10}"
+    print(f"{'rule':<46}{'miss@1st-rej':>13}{'recall-ok':>10}{'drafted/rd':>11}{'commit/rd':>10}"
           f"{'waste/rd':>9}{'tok/s(sim)':>11}")
     for rule, m in r["heldout"].items():
-        print(f"{rule:<32}{m['miss_rate_first_rejection']:>13.3f}{m['recall_acceptable']:>10.3f}"
+        label = f"{rule} (tau {m['tau']:.3f})" if "tau" in m else rule
+        print(f"{label:<46}{m['miss_rate_first_rejection']:>13.3f}{m['recall_acceptable']:>10.3f}"
               + "".join(f"{m[k]:>{w}.2f}" if k in m else " " * w for k, w in
                         (("drafted_per_round", 11), ("committed_per_round", 10), ("wasted_per_round", 9),
                          ("tokens_per_s", 11))))
-    print(f"paper: miss 0.425, recall 0.80; AUC {r['heldout']['predictor']['auc']}; "
-          f"latency per call (us): {r['latency_us_per_call']}", flush=True)
+    aucs = {rule: m["auc"] for rule, m in r["heldout"].items() if "auc" in m}
+    print(f"paper: miss 0.425, recall 0.80; held-out AUC {aucs}; "
+          f"latency per call (us): {r['latency_us_per_call']}; cost model {r['cost_model']}", flush=True)
 
 
 def main() -> None:
@@ -361,23 +401,25 @@ def main() -> None:
     p.add_argument("--drafter", choices=["q4", "student", "all"], default="all")
     p.add_argument("--prompts", type=int, default=0, help="cap on training prompts (0: until --minutes)")
     p.add_argument("--heldout", type=int, default=200, help="held-out prompts to evaluate on (at most 200)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training-data collection budget per drafter")
-    p.add_argument("--heldout-minutes", type=float, default=2.0, help="held-out collection budget per drafter")
-    p.add_argument("--k", type=int, default=10, help="fixed draft length while collecting")
-    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--minutes", type=float, help="training-data collection budget per drafter (default: DEFAULTS)")
+    p.add_argument("--heldout-minutes", type=float, help="held-out collection budget per drafter")
+    p.add_argument("--k", type=int, help="fixed draft length while collecting (default: q4 10, student 8)")
+    p.add_argument("--answer-tokens", type=int, help="answer length per prompt (default: q4 128, student 64)")
     p.add_argument("--max-prompt", type=int, default=320, help="skip prompts longer than this (tokens)")
-    p.add_argument("--skip-prompts", type=int, default=1000, help="leading training prompts the student was distilled on")
+    p.add_argument("--skip-prompts", type=int, default=1000,
+                   help="leading training prompts (the student's distillation prompts) to leave out")
     p.add_argument("--val-share", type=float, default=0.2)
     p.add_argument("--rtt-ms", type=float, default=20.0, help="network RTT added to verify time in the cost model")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the target")
     p.add_argument("--target", type=Path, default=ROOT / "models" / "target")
     p.add_argument("--out", type=Path, default=ROOT / "models" / "predictor")
     p.add_argument("--data-dir", type=Path, default=ROOT / "models" / "cache" / "predictor")
-    p.add_argument("--reuse-data", action="store_true", help="train from the cached rounds in --data-dir")
+    p.add_argument("--reuse-data", action="store_true",
+                   help="use the cached rounds in --data-dir where present (delete a file to collect it again)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    command = "python tools/train_predictor.py " + shlex.join(sys.argv[1:])
+    a.command = "python tools/train_predictor.py " + shlex.join(sys.argv[1:])
     model = load_model(a.target)
     train_texts = training_prompts(a.skip_prompts, a.seed)
     train_texts = train_texts[: a.prompts] if a.prompts else train_texts
@@ -387,7 +429,7 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"drafters": {}}
     for name in names:
         report = run_drafter(name, model, train_texts, held_texts, a)
-        report["command"] = command
+        report["command"] = a.command
         manifest["drafters"][name] = report
         manifest["heldout_prompts"] = "models/student/heldout_prompts.jsonl (evaluation only, never trained on)"
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

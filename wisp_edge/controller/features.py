@@ -20,8 +20,8 @@ MAX_LOGIT_GAP = 50.0  # masked (-inf) logits would make the gap infinite
 
 
 def distribution_stats(logits: np.ndarray) -> tuple[float, float, float, float, float]:
-    """logits: [vocab] -> (top-1 prob, entropy in nats, top-1 minus top-2 prob, top-1 minus top-2 logit,
-    std of the logits), all at temperature 1."""
+    """logits: [vocab], finite -> (top-1 prob, entropy in nats, top-1 minus top-2 prob, top-1 minus top-2
+    logit, std of the logits), all at temperature 1."""
     assert logits.ndim == 1 and logits.shape[0] >= 2, f"expected one row of >= 2 logits, got {logits.shape}"
     top = int(np.argmax(logits))
     z = logits - logits[top]  # [vocab], <= 0

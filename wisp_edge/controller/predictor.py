@@ -38,7 +38,7 @@ class RejectionPredictor:
     drafter: str  # the short name it was trained for
     drafter_sha256: str  # the drafter file it was trained for
     feature_names: tuple[str, ...] = FEATURE_NAMES
-    meta: dict = field(default_factory=dict)  # provenance (command, data sizes, held-out numbers)
+    meta: dict = field(default_factory=dict)  # provenance: draft length collected at, tau rule, date
 
     def __post_init__(self) -> None:
         assert len(self.layers) == 3, "a 3-layer MLP"
@@ -57,12 +57,11 @@ class RejectionPredictor:
 
     def p_reject_batch(self, features: np.ndarray) -> np.ndarray:
         """features: [n, n_features] -> [n] probabilities of being the first rejection."""
-        return 1.0 / (1.0 + np.exp(-self.logit(features.astype(np.float32, copy=False))))
+        return 0.5 * (1.0 + np.tanh(0.5 * self.logit(features.astype(np.float32, copy=False))))  # sigmoid, no overflow
 
     def p_reject(self, features: np.ndarray) -> float:
         """features: [n_features] -> P(this drafted token is the block's first rejection)."""
-        z = float(self.logit(features.reshape(1, -1).astype(np.float32, copy=False))[0])
-        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+        return 0.5 * (1.0 + math.tanh(0.5 * float(self.logit(features.reshape(1, -1))[0])))
 
     def save(self, path: str | Path) -> None:
         arrays = {f"w{i}": w for i, (w, _) in enumerate(self.layers)}
