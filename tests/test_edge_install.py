@@ -13,7 +13,8 @@ def test_edge_modules_do_not_import_torch():
     out = run_python(
         "import sys\n"
         "import wisp_edge.engine, wisp_edge.sampling, wisp_edge.protocol, wisp_edge.vocab, wisp_edge.chat\n"
-        "import wisp_edge.drafters.llama_cpp, wisp_edge.cli\n"
+        "import wisp_edge.drafters.llama_cpp, wisp_edge.cli, wisp_edge.agent, wisp_edge.local_api\n"
+        "import wisp_edge.client, wisp_edge.settings, wisp_edge.openai_compat, wisp_edge.controller.policy\n"
         "print('torch' in sys.modules)\n")
     assert out.strip() == "False"
 

@@ -198,6 +198,8 @@ class WispScheduler:
        warm blocks that confirm many tokens cheaply first. (The paper writes E / T({i}); the +1 counts
        the correction/bonus token every round yields, so a prefill, E = 0, is not rated worthless.)
     4. Best-effort jobs are tried oldest first.
+    Once the batch is bound by a deadline, `max_refusals` refusals in a row end the walk (a later job
+    rarely fits a budget that many before it did not), keeping a decision short with thousands queued.
 
     The admission rule, for a candidate x joining batch B (B' = B + x, finish' = now + T(B') / 1000,
     T with the estimator's margin): x is admitted iff
@@ -215,8 +217,9 @@ class WispScheduler:
     marginal cost, by kv bytes) give the queue's minima, so the walk stops as soon as nothing could fit.
     """
 
-    def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010) -> None:
+    def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010, max_refusals: int = 64) -> None:
         self.estimator = estimator
+        self.max_refusals = max_refusals
         self.urgent_horizon_s = urgent_horizon_s
         self.demoted_total = 0
         self._entries: dict[Hashable, _Entry] = {}
@@ -318,12 +321,20 @@ class WispScheduler:
             if builder.full:
                 break
             builder.add(entry)
+        refused = 0
         for ordered in (self._by_density, self._best_effort):
             for _, seq in ordered:
                 if builder.full:
                     break
                 if seq not in builder.taken:
-                    builder.add(self._by_seq[seq])
+                    if builder.add(self._by_seq[seq]):
+                        refused = 0
+                    elif builder.earliest != INF:
+                        # A deadline-bound batch rarely finds room deep in the queue; a long run of refusals
+                        # ends the walk so a decision stays well under a millisecond with thousands queued.
+                        refused += 1
+                        if refused >= self.max_refusals:
+                            break
 
         for entry in builder.chosen:
             self.remove(entry.job.job_id)

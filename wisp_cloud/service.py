@@ -81,7 +81,7 @@ class _Pending:
 class VerifierService:
     def __init__(self, model: Transformer, settings: ServeSettings, estimator: TimeEstimator, *,
                  model_id: str, vocab_fingerprint: str | None, kv_budget_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, executor: ThreadPoolExecutor | None = None) -> None:
         self.model, self.settings, self.estimator = model, settings, estimator
         self.model_id, self.vocab_fingerprint = model_id, vocab_fingerprint
         self.clock = clock
@@ -99,7 +99,8 @@ class VerifierService:
         self._queued: dict[int, _Pending] = {}
         self._job_ids = itertools.count(1)
         self._slo_outcomes: deque[tuple[float, bool]] = deque(maxlen=1024)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-forward")
+        # One worker thread runs every forward (the runtime also loads the model on it).
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-forward")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._last_sweep = 0.0
