@@ -115,6 +115,10 @@ def test_policies_stop_where_they_should():
     assert EntropyPolicy(lam=0.5).stop_after(0, flat, NO_Q)
     assert not EntropyPolicy(lam=0.2).stop_after(0, flat, NO_Q)
     assert not EntropyPolicy(lam=0.5).stop_after(0, peaked(0.99), NO_Q)
+    # The controller relaxes each rule when a round trip costs much more than one drafted token.
+    assert not ConfidencePolicy(0.5, min_worthwhile=0.2).stop_after(0, unsure, NO_Q)
+    assert not PredictorPolicy(confidence_predictor(), min_worthwhile=0.01).stop_after(0, unsure, NO_Q)
+    assert not EntropyPolicy(lam=0.5, min_worthwhile=0.2).stop_after(0, flat, NO_Q)
 
 
 class FileDrafter:

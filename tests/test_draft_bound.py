@@ -54,6 +54,27 @@ def test_the_server_suggestion_caps_the_bound_and_observations_move_it():
     assert b.suggested == 3 and controller.max_draft() <= 3
 
 
+def test_a_long_round_trip_makes_doubtful_tokens_worth_drafting():
+    near, far = bound(0.8, 10, 5).min_worthwhile_acceptance(), bound(0.8, 10, 300).min_worthwhile_acceptance()
+    assert 0.0 < far < near <= 1.0
+    # By hand for k fixed at 1 (k_max=1): c = (10 + 40 + 10) / (1 + 0.5) = 40 ms a token; 10 / (0.5 * 40).
+    assert bound(0.5, 10, 40, k_max=1).min_worthwhile_acceptance() == pytest.approx(0.5)
+
+
+def test_the_controller_hands_the_worthwhile_acceptance_to_its_stop_rule():
+    from wisp_edge.controller.predictor import ConfidencePolicy
+
+    rule = ConfidencePolicy(threshold=0.5, k_max=16)
+    doubtful = (0.3, 0.0, 0.0, 0.0, 0.0)  # top-1 probability 0.3
+    assert rule.stop_after_stats(0, doubtful)
+    far = Controller(rule, bound(0.9, 5, 400))
+    far.max_draft()
+    assert rule.min_worthwhile < 0.3 and not far.stop_after_stats(0, doubtful)
+    near = Controller(rule, bound(0.9, 20, 2, server_ms=2))
+    near.max_draft()
+    assert rule.min_worthwhile >= 0.5 and near.stop_after_stats(0, doubtful)
+
+
 def test_policies_by_name(q4_pair):
     assert isinstance(make_policy("fixed", q4_pair.drafter, draft_length=5), FixedLength)
     assert make_policy("sled", q4_pair.drafter).max_draft() == 8

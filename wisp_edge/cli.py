@@ -4,6 +4,7 @@
     wisp-edge tokenize --drafter q4 "Hello 123"                       # ids as the target sees them
     wisp-edge drafters                                               # the shipped drafters and their files
     wisp-edge generate --server http://127.0.0.1:8000 --chat "Hi"    # speculative decoding with a verifier
+    wisp-edge bench --server http://10.0.0.2:8000 --rtt 0,50          # the policies on this device and network
 """
 
 from __future__ import annotations
@@ -165,6 +166,16 @@ def _serve(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from wisp_edge.bench import main as bench_main
+
+    agent = _agent(args)
+    try:
+        return bench_main(args, agent)
+    finally:
+        agent.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wisp-edge", description="WISP edge agent (device side)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="port (default 8080)")
     _add_agent_arguments(p)
     p.set_defaults(func=_serve)
+    p = sub.add_parser("bench", help="tokens/s and wasted drafting of each policy against the verifier")
+    p.add_argument("--drafter", help="q4 (default) | student | ...")
+    p.add_argument("--rtt", default="0", help="extra round trips to emulate, ms, comma-separated (default 0)")
+    p.add_argument("--policies", default="wisp,fixed,sled", help="policies to compare (default wisp,fixed,sled)")
+    p.add_argument("--fixed-k", type=int, default=4, help="k of the fixed policy (default 4)")
+    p.add_argument("--prompts", type=int, default=3, help="chat questions to run (at most 6)")
+    p.add_argument("--tokens", type=int, default=40, help="tokens per answer")
+    p.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
+    _add_agent_arguments(p)
+    p.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

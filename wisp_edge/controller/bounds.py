@@ -6,7 +6,8 @@ T(k) = k * t_draft + RTT + queue + verify. The bound is the k in [1, cap] that m
 when the round trip dominates, long drafts pay for themselves and the bound grows; when drafting
 dominates or acceptance is poor, it shrinks. The server's suggested bound (its fair share of the
 batch token budget) caps it when the server is saturated. The stop rule (predictor or confidence)
-still ends a draft early inside the bound.
+still ends a draft early inside the bound, but `min_worthwhile_acceptance` tells it when drafting
+on through a doubtful token is cheap next to the round trip it may save.
 
 Every estimate is an exponentially weighted moving average of what the rounds report, so the bound
 follows a changing network within a few rounds.
@@ -66,6 +67,19 @@ class DraftBound:
             if rate > best_rate * (1 + 1e-9):
                 best, best_rate = k, rate
         return best
+
+    def min_worthwhile_acceptance(self) -> float:
+        """The least chance of acceptance for which drafting one more token pays for itself.
+
+        One more token costs t_draft; it is worth the time a committed token costs at the best k,
+        c = T(k) / E(k), when it survives: with chance P(the current token is accepted) * alpha.
+        So drafting on pays while P(accepted) > t_draft / (alpha * c). A long round trip makes c
+        large and the answer small: keep drafting through doubt. Fast rounds make it near 1.
+        """
+        k, a, t_d = self.best_k(), max(self.alpha.value, 1e-3), max(self.draft_ms.value, 1e-3)
+        per_token = (k * t_d + max(self.network_ms.value, 0.0) + max(self.server_ms.value, 0.0)) \
+            / expected_committed(a, k)
+        return min(1.0, t_d / (a * per_token))
 
     def observe(self, drafted: int, accepted: int, *, drafting_ms: list[float], rtt_ms: float, queue_ms: float,
                 verify_ms: float, suggested: int | None) -> None:

@@ -50,7 +50,11 @@ class BlockFeatures:
 
     def __call__(self, index: int, logits: np.ndarray) -> np.ndarray:
         """index: the token's position in its block (from 0); logits: [vocab] -> [N_FEATURES] float32."""
-        top1, entropy, margin, gap, std = distribution_stats(logits)
+        return self.from_stats(index, distribution_stats(logits))
+
+    def from_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> np.ndarray:
+        """The same row from `distribution_stats` already computed (the simulator replays logged stats)."""
+        top1, entropy, margin, gap, std = stats
         if index == 0:
             self._log_top1 = 0.0
         self._log_top1 += math.log(max(top1, 1e-12))

@@ -30,10 +30,19 @@ class Controller:
     bound: DraftBound | None = None
 
     def max_draft(self) -> int:
-        return self.bound.best_k() if self.bound else self.stop_rule.max_draft()
+        """Called once per round, before drafting: also tells the stop rule what a token is worth now."""
+        if self.bound is None:
+            return self.stop_rule.max_draft()
+        if hasattr(self.stop_rule, "min_worthwhile"):
+            self.stop_rule.min_worthwhile = self.bound.min_worthwhile_acceptance()
+        return self.bound.best_k()
 
     def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
         return self.stop_rule.stop_after(index, logits, q)
+
+    def stop_after_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> bool:
+        """`stop_after` from `distribution_stats(logits)` already computed (used by the simulator)."""
+        return self.stop_rule.stop_after_stats(index, stats)
 
     def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
                 drafting_ms: list[float]) -> None:

@@ -1,0 +1,177 @@
+"""`wisp-edge bench`: how the speculation policies fare on this device, against this verifier.
+
+For each emulated extra round trip and each policy it runs the same greedy prompts and reports
+tokens/s, wasted drafting time per token (drafting spent on tokens after the first rejection),
+tokens per round and the controller's own time per token. Greedy, so every policy must produce
+the same tokens: a difference is reported as a lossless failure. Extra round trip is emulated in
+the client (an httpx transport that sleeps half before the request and half after the reply), so
+the verifier still serves a real round. `tools/bench_edge.py` runs this against a verifier it
+starts on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from wisp_edge.client import HttpVerifier
+from wisp_edge.controller.policy import make_policy
+from wisp_edge.engine import SpeculativeEngine
+
+QUESTIONS = (
+    "Why is the sky blue?",
+    "Give me three tips for learning to cook.",
+    "What is the capital of France, and what is it known for?",
+    "Explain what a CPU does in simple words.",
+    "Write a short poem about the sea.",
+    "How do plants make their food?",
+)
+
+
+class DelayedTransport(httpx.HTTPTransport):
+    """Adds a fixed round trip: half before the request leaves, half before the reply is read."""
+
+    def __init__(self, rtt_ms: float) -> None:
+        super().__init__()
+        self.half_s = rtt_ms / 2000.0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        time.sleep(self.half_s)
+        response = super().handle_request(request)
+        time.sleep(self.half_s)
+        return response
+
+
+class TimedPolicy:
+    """Wraps a policy to measure its own time (stop decisions, bound updates)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def max_draft(self) -> int:
+        return self._timed(self.inner.max_draft)
+
+    def stop_after(self, index, logits, q) -> bool:
+        return self._timed(self.inner.stop_after, index, logits, q)
+
+    def observe(self, *args) -> None:
+        self._timed(self.inner.observe, *args)
+
+
+@dataclass
+class PolicyResult:
+    tokens_per_s: float
+    wasted_ms_per_token: float
+    tokens_per_round: float
+    controller_us_per_token: float
+    tokens: int
+    outputs: list[list[int]] = field(repr=False)
+
+    def row(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "outputs"}
+
+
+def drafting_speed(drafter, prompt: list[int], n: int = 32) -> float:
+    """Greedy tokens/s of the drafter alone on this device."""
+    drafter.reset(prompt)
+    drafter.logits()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        drafter.append(int(np.argmax(drafter.logits())))
+    return n / (time.perf_counter() - t0)
+
+
+def base_rtt_ms(http: httpx.Client, n: int = 10) -> float:
+    """Median round trip of `GET /health`: the network and the HTTP stack, no model work."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        http.get("/health").raise_for_status()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+def delayed_client(settings, extra_rtt_ms: float) -> httpx.Client:
+    """An HTTP client to the verifier whose every round trip takes `extra_rtt_ms` longer."""
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    return httpx.Client(base_url=settings.server.rstrip("/"), headers=headers,
+                        transport=DelayedTransport(extra_rtt_ms), timeout=settings.timeout_s)
+
+
+def delayed_backend(settings, extra_rtt_ms: float) -> HttpVerifier:
+    return HttpVerifier(settings.server, client=delayed_client(settings, extra_rtt_ms),
+                        max_wait_s=settings.max_wait_s)
+
+
+def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[int]], tokens: int,
+               *, k_max: int = 16, fixed_k: int = 4) -> PolicyResult:
+    backend = delayed_backend(agent.settings, extra_rtt_ms)
+    new = wasted_ms = rounds = 0
+    wall = policy_s = 0.0
+    outputs = []
+    try:
+        for prompt in prompts:
+            policy = TimedPolicy(make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
+            engine = SpeculativeEngine(agent.drafter, backend, policy, eos_ids=agent.eos_ids,
+                                       vocab_fingerprint=agent.info["vocab_fingerprint"])
+            outputs.append([t.id for t in engine.generate(prompt, max_new_tokens=tokens)])
+            s = engine.stats
+            new += s.new_tokens
+            wall += s.wall_s
+            rounds += len(s.rounds)
+            wasted_ms += sum(r.wasted_drafting_ms for r in s.rounds)
+            policy_s += policy.seconds
+    finally:
+        backend.close()
+    return PolicyResult(round(new / wall, 2), round(wasted_ms / new, 2), round(new / max(rounds, 1), 2),
+                        round(policy_s / new * 1e6, 1), new, outputs)
+
+
+def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: int = 3, tokens: int = 40,
+          fixed_k: int = 4, k_max: int = 16, out: Callable[[str], None] = print) -> dict:
+    """Every policy at every extra round trip on the same prompts; prints a table, returns the report."""
+    info = agent.connect()
+    prompt_ids = [agent.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:prompts]]
+    with httpx.Client(base_url=agent.settings.server.rstrip("/"), timeout=agent.settings.timeout_s) as http:
+        rtt = base_rtt_ms(http)
+    speed = drafting_speed(agent.drafter, prompt_ids[0])
+    report: dict = {"server": agent.settings.server, "model": info["model"], "drafter": agent.drafter.name,
+                    "drafting_tokens_per_s": round(speed, 1), "base_rtt_ms": round(rtt, 2), "prompts": prompts,
+                    "tokens": tokens, "results": {}, "lossless": True}
+    out(f"drafter {agent.drafter.name}: {speed:.0f} tok/s alone; base round trip {rtt:.1f} ms; "
+        f"{prompts} prompts x {tokens} tokens, greedy")
+    out(f"{'+rtt ms':>7} {'policy':>7} {'tok/s':>7} {'wasted ms/tok':>14} {'tok/round':>10} {'controller us/tok':>18}")
+    for extra in extra_rtts_ms:
+        reference = None
+        for name in policies:
+            r = run_policy(agent, name, extra, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k)
+            reference = reference or r.outputs
+            same = r.outputs == reference
+            report["lossless"] &= same
+            report["results"].setdefault(str(int(extra)), {})[name] = {**r.row(), "same_output": same}
+            out(f"{extra:>7.0f} {name:>7} {r.tokens_per_s:>7.2f} {r.wasted_ms_per_token:>14.2f} "
+                f"{r.tokens_per_round:>10.2f} {r.controller_us_per_token:>18.1f}"
+                + ("" if same else "  OUTPUT DIFFERS (lossless broken)"))
+    return report
+
+
+def main(args, agent) -> int:
+    report = bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")], policies=args.policies.split(","),
+                   prompts=args.prompts, tokens=args.tokens, fixed_k=args.fixed_k, k_max=agent.settings.k_max,
+                   out=(lambda _line: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["lossless"] else 1
