@@ -71,6 +71,10 @@ class EdgeAgent:
         self.info: dict | None = None
         self._lock = threading.Lock()
         self.last_stats = GenerationStats()
+        # One controller for the agent's life: what it learns of the network, the drafter's speed and
+        # the acceptance carries over from one generation to the next (generations take turns).
+        self.policy = make_policy(settings.policy, self.drafter, k_max=settings.k_max,
+                                  draft_length=settings.draft_length)
 
     def connect(self) -> dict:
         """Ask the verifier what it serves and check the drafter speaks the same vocabulary."""
@@ -118,9 +122,7 @@ class EdgeAgent:
         return self.drafter.detokenize(ids)
 
     def engine(self) -> SpeculativeEngine:
-        policy = make_policy(self.settings.policy, self.drafter, k_max=self.settings.k_max,
-                             draft_length=self.settings.draft_length)
-        return SpeculativeEngine(self.drafter, self.backend, policy, eos_ids=self.eos_ids,
+        return SpeculativeEngine(self.drafter, self.backend, self.policy, eos_ids=self.eos_ids,
                                  vocab_fingerprint=self._info()["vocab_fingerprint"],
                                  allow_local=self.settings.allow_local, slo_tokens_per_s=self.settings.slo_tokens_per_s)
 

@@ -120,11 +120,12 @@ def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[
                *, k_max: int = 16, fixed_k: int = 4) -> PolicyResult:
     backend = delayed_backend(agent.settings, extra_rtt_ms)
     new = wasted_ms = rounds = 0
-    wall = policy_s = 0.0
+    wall = 0.0
     outputs = []
+    # One controller across the prompts, as an agent keeps it: its estimates carry over.
+    policy = TimedPolicy(make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
     try:
         for prompt in prompts:
-            policy = TimedPolicy(make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
             engine = SpeculativeEngine(agent.drafter, backend, policy, eos_ids=agent.eos_ids,
                                        vocab_fingerprint=agent.info["vocab_fingerprint"])
             outputs.append([t.id for t in engine.generate(prompt, max_new_tokens=tokens)])
@@ -133,11 +134,10 @@ def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[
             wall += s.wall_s
             rounds += len(s.rounds)
             wasted_ms += sum(r.wasted_drafting_ms for r in s.rounds)
-            policy_s += policy.seconds
     finally:
         backend.close()
     return PolicyResult(round(new / wall, 2), round(wasted_ms / new, 2), round(new / max(rounds, 1), 2),
-                        round(policy_s / new * 1e6, 1), new, outputs)
+                        round(policy.seconds / new * 1e6, 1), new, outputs)
 
 
 def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: int = 3, tokens: int = 40,
