@@ -59,9 +59,8 @@ class RequestResult:
         return (self.tokens - 1) / max(self.total_s - self.ttft_s, 1e-9) if self.tokens > 1 else 0.0
 
 
-def speculative_device(settings: EdgeSettings, mode: str, prompts: list[list[int]], tokens: int, rtt_ms: float,
-                       eos: tuple[int, ...], fingerprint: str, out: list[RequestResult]) -> None:
-    drafter = load_drafter(settings.drafter, n_threads=1)
+def speculative_device(settings: EdgeSettings, drafter, mode: str, prompts: list[list[int]], tokens: int,
+                       rtt_ms: float, eos: tuple[int, ...], fingerprint: str, out: list[RequestResult]) -> None:
     backend = delayed_backend(settings, rtt_ms)
     policy = make_policy(EDGE_POLICY[mode], drafter)  # kept across requests, as an agent keeps it
     try:
@@ -86,12 +85,16 @@ def centralized_device(settings: EdgeSettings, prompts: list[list[int]], tokens:
             body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
                     "slo_tokens_per_s": settings.slo_tokens_per_s}
             t0, ttft, n = time.perf_counter(), None, 0
-            with http.stream("POST", "/v1/completions", json=body) as reply:
-                reply.raise_for_status()
-                for line in reply.iter_lines():
-                    if line.startswith("data: {"):  # one event per generated token
-                        ttft = ttft if ttft is not None else time.perf_counter() - t0
-                        n += 1
+            while n == 0:
+                with http.stream("POST", "/v1/completions", json=body) as reply:
+                    if reply.status_code in (429, 503):  # overloaded: wait as told, as the edge client does
+                        time.sleep(float(reply.headers.get("Retry-After", "1")))
+                        continue
+                    reply.raise_for_status()
+                    for line in reply.iter_lines():
+                        if line.startswith("data: {"):  # one event per generated token
+                            ttft = ttft if ttft is not None else time.perf_counter() - t0
+                            n += 1
             out.append(RequestResult(n, ttft or 0.0, time.perf_counter() - t0))
 
 
@@ -99,12 +102,15 @@ def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info:
     settings = EdgeSettings(server=url, drafter=args.drafter, slo_tokens_per_s=args.slo, max_wait_s=120)
     results: list[list[RequestResult]] = [[] for _ in range(devices)]
     threads = []
+    # Drafters load here, one at a time: llama.cpp's quiet loading swaps the process's stdout and
+    # stderr file descriptors, and loads in parallel threads can leave them pointing at /dev/null.
+    drafters = [load_drafter(settings.drafter, n_threads=1) for _ in range(devices)] if mode != "centralized" else []
     for d in range(devices):
         mine = [prompts[(d + i) % len(prompts)] for i in range(args.requests)]
         if mode == "centralized":
             target, fn_args = centralized_device, (settings, mine, args.tokens, args.rtt, results[d])
         else:
-            target, fn_args = speculative_device, (settings, mode, mine, args.tokens, args.rtt,
+            target, fn_args = speculative_device, (settings, drafters[d], mode, mine, args.tokens, args.rtt,
                                                    tuple(info["eos_token_ids"]), info["vocab_fingerprint"], results[d])
         threads.append(threading.Thread(target=target, args=fn_args, daemon=True))
     t0 = time.perf_counter()
