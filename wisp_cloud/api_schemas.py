@@ -6,18 +6,31 @@ size, context length, the longest draft) are checked by the service, which knows
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_IDS = 1 << 20  # a hard ceiling on any id list before the model's own limits apply
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float64 for a subnormal T: 0 means greedy
+MAX_SLO = 10_000.0  # tokens/s
+
+
+def check_temperature(temperature: float) -> float:
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature:g} is below {MIN_TEMPERATURE:g}: use 0 for greedy decoding")
+    return temperature
 
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description=f"0 = greedy, else at least {MIN_TEMPERATURE:g}")
     top_k: int = Field(0, ge=0, description="0 disables")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=1 << 63)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
 
 class SessionCreate(BaseModel):
@@ -25,7 +38,7 @@ class SessionCreate(BaseModel):
 
     prompt_ids: list[int] = Field(..., min_length=1, max_length=MAX_IDS, description="prompt token ids")
     sampling: Sampling = Field(default_factory=Sampling)
-    slo_tokens_per_s: float | None = Field(None, gt=0, le=10_000, description="target decoding rate")
+    slo_tokens_per_s: float | None = Field(None, gt=0, le=MAX_SLO, description="target decoding rate")
     vocab_fingerprint: str | None = Field(None, max_length=128, description="the drafter's vocabulary fingerprint")
     resume: bool = Field(False, description="prompt_ids are an earlier session's committed tokens: cache them and "
                                             "sample nothing (after an eviction or a server restart)")

@@ -82,7 +82,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--policy", choices=["wisp", "fcfs"], help="batch scheduler (default wisp)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WISP_API_KEY)")
+    p.add_argument("--api-key", action="append",
+                   help="require 'Authorization: Bearer KEY'; repeat or separate with commas for several keys "
+                        "(or set WISP_API_KEY)")
+    p.add_argument("--api-keys-file", help="more keys, one per line ('#' comments)")
+    p.add_argument("--rate-limit-rps", type=float, help="requests per second per API key (default 100; 0: none)")
+    p.add_argument("--rate-limit-burst", type=float, help="requests a key may send at once (default 200)")
+    p.add_argument("--max-body-mb", type=float, help="largest request body in MiB (default 16; larger: 413)")
+    p.add_argument("--body-timeout-s", type=float, help="time a client has to send its body (default 30; then 408)")
+    p.add_argument("--protect-docs", action="store_true", default=None,
+                   help="also require the key for /openapi.json and /docs")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (uvicorn's TLS)")
+    p.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
     p.add_argument("--kv-budget-mb", type=float, help="KV pool size (default 1 GiB on CPU, half the free GPU)")
     p.add_argument("--kv-block-tokens", type=int, help="KV allocation unit in tokens (default 64)")
     p.add_argument("--max-batch-tokens", type=int, help="new tokens per batched forward (default 2048)")
@@ -110,12 +121,16 @@ def _serve(args) -> int:
     from wisp_cloud.runtime import build_runtime, settings_from_env_and_args, summary
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if options.get("api_key"):
+        options["api_key"] = ",".join(options["api_key"])
     settings = settings_from_env_and_args(options)
     logs.configure(settings.log_format, settings.log_level)
     runtime = build_runtime(settings)
     app = runtime.app()
+    tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)} \
+        if settings.ssl_certfile else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
+                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=5, **tls)
     server = uvicorn.Server(config)
     text = summary(runtime)
     if settings.port == 0:

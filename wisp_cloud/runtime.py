@@ -43,9 +43,11 @@ class Runtime:
     profile_note: str
 
     def app(self):
+        from wisp_cloud.access import AccessPolicy
         from wisp_cloud.server import create_app
 
-        return create_app(self.service, self.text_model, self.tokenizer, api_key=self.settings.api_key)
+        return create_app(self.service, self.text_model, self.tokenizer,
+                          access=AccessPolicy.from_settings(self.settings))
 
 
 def resolve_device(name: str) -> str:
@@ -156,10 +158,23 @@ def summary(rt: Runtime) -> str:
         + f" ms (fixed, per new token, per new x length, per cached); margin x{est.margin.scale:g}",
         f"  admission    429 above {s.max_queue} queued jobs or {s.max_backlog_ms:.0f} ms predicted backlog; "
         f"sessions idle {s.session_ttl_s:.0f} s are forgotten",
-        f"  auth         {'API key required' if s.api_key else 'none (loopback use only)'}",
-        f"  listening    http://{s.host}:{s.port}  (docs /docs, schema /openapi.json, /health, /metrics)",
+        f"  access       {_access_line(s)}",
+        f"  listening    {'https' if s.ssl_certfile else 'http'}://{s.host}:{s.port}  (docs /docs, schema "
+        f"/openapi.json, /health, /metrics)",
     ]
     return "\n".join(lines)
+
+
+def _access_line(s: ServeSettings) -> str:
+    from wisp_cloud.access import read_keys
+
+    limits = f"bodies up to {s.max_body_mb:g} MiB sent within {s.body_timeout_s:g} s"
+    keys = read_keys(s.api_key, s.api_keys_file)
+    if not keys:
+        return f"no API key (loopback or trusted networks only); {limits}"
+    rate = f"{s.rate_limit_rps:g} requests/s per key (bursts of {s.rate_limit_burst:g})" if s.rate_limit_rps else \
+        "no rate limit"
+    return f"{len(keys)} API key(s) required (sessions bound to their key); {rate}; {limits}"
 
 
 def settings_from_env_and_args(overrides: dict) -> ServeSettings:

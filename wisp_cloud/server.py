@@ -1,7 +1,9 @@
 """The verifier's HTTP API (FastAPI on uvicorn): the session API, centralized mode, health and metrics.
 
-`create_app(runtime)` builds the app around an already loaded model; `wisp-cloud serve` builds the
-runtime from settings and runs uvicorn. Every refusal is a JSON body
+`create_app(service, text_model, tokenizer, access=...)` builds the app around an already loaded
+model; `wisp-cloud serve` builds the runtime from settings and runs uvicorn. Every request first
+passes the access gate (`access.py`: API keys, per-key rate limit, body size and time), so no
+handler runs and no body is read for a caller without a key. Every refusal is a JSON body
 ``{"error": {"message", "type", "code", ...}}`` with a 4xx/5xx status, plus ``Retry-After`` on
 429/503, so clients can tell a bad request from an overload from an evicted session.
 """
@@ -9,15 +11,17 @@ runtime from settings and runs uvicorn. Every refusal is a JSON body
 from __future__ import annotations
 
 import logging
-import secrets
+import math
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wisp_cloud.access import AccessGate, AccessPolicy, KeyRing
 from wisp_cloud.api_schemas import ErrorReply, SessionCreate, SessionCreated, VerifyBlock, VerifyReply
 from wisp_cloud.openai_api import build_router
 from wisp_cloud.service import ServiceError, VerifierService
@@ -26,14 +30,25 @@ from wisp_edge.sampling import SamplingParams
 
 log = logging.getLogger("wisp.server")
 
-ERRORS = {code: {"model": ErrorReply} for code in (401, 404, 409, 410, 413, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 408, 409, 410, 413, 422, 429, 503)}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
     return JSONResponse(error_body(status, code, message, **extra), status_code=status, headers=headers)
 
 
-def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, api_key: str | None = None) -> FastAPI:
+def _key_of(request: Request) -> str | None:
+    """The caller's key id, set by the access gate (None when the server runs without keys)."""
+    return getattr(request.state, "key_id", None)
+
+
+def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, api_key: str | None = None,
+               access: AccessPolicy | None = None) -> FastAPI:
+    """`access` carries the keys and limits; `api_key` alone is a shorthand for one key and default limits."""
+    if access is None:
+        access = AccessPolicy(KeyRing([api_key] if api_key else []))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
@@ -45,68 +60,62 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
     app = FastAPI(title="WISP verifier", version="0.1.0", lifespan=lifespan,
                   description="Batched lossless verification of edge drafts, and centralized OpenAI-compatible "
                               "decoding, over one target model.")
-
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            service.metrics.rejected.labels("auth").inc()
-            raise ServiceError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'")
+    app.add_middleware(AccessGate, policy=access, refused=lambda reason: service.metrics.rejected.labels(reason).inc(),
+                       served=lambda route, status: service.metrics.http.labels(route, str(status)).inc())
+    # Declares the bearer key in the OpenAPI schema; the gate has already enforced it.
+    keyed = [Security(HTTPBearer(auto_error=False))] if access.keys.enabled else []
 
     @app.exception_handler(ApiError)
     async def service_error(request: Request, exc: ApiError):
-        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else None
         return _error(exc.status, exc.code, exc.message, headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         service.metrics.rejected.labels("invalid").inc()
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            position = first.get("loc", ("body", "?"))[-1]
+            return _error(422, "invalid_json", f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')} "
+                                               f"at character {position}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}" if where else
                       first.get("msg", "invalid request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail))
+        return _error(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail),
+                      getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error", extra={"path": request.url.path})
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        service.metrics.http.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
     # --- operations --------------------------------------------------------------------------------
 
-    @app.get("/health", tags=["operations"], summary="200 when the batch loop runs")
-    async def health():
+    @app.get("/health", tags=["operations"], summary="200 when the batch loop runs (no key needed; details with one)")
+    async def health(request: Request):
         if not service.running:
             return _error(503, "not_ready", "the batch loop is not running", {"Retry-After": "1"})
+        if access.keys.enabled and _key_of(request) is None:
+            return {"status": "ok"}
         return {"status": "ok", **service.status()}
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (series prefixed wisp_)")
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (series prefixed wisp_)",
+             dependencies=keyed, response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorReply}})
     async def metrics():
         service.metrics.kv_used.set(service.pool.used_bytes)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # --- the session API ---------------------------------------------------------------------------
 
-    sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_key)],
-                         responses=ERRORS)
+    sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=keyed, responses=ERRORS)
 
     @sessions.post("", response_model=SessionCreated, status_code=201,
                    summary="Open a session: prefill the prompt, reply with the target's first token")
-    async def create_session(body: SessionCreate):
+    async def create_session(body: SessionCreate, request: Request):
         s = body.sampling
         try:
             params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed)
@@ -114,28 +123,28 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
             raise ServiceError(422, "invalid_request", str(exc)) from None
         session, first, timing = await service.create_session(
             body.prompt_ids, params, slo_rate=body.slo_tokens_per_s, vocab_fingerprint=body.vocab_fingerprint,
-            resume=body.resume)
+            resume=body.resume, owner=_key_of(request))
         return SessionCreated(session_id=session.id, first_token=first, position=session.target.position,
                               queue_ms=timing.get("queue_ms", 0.0), prefill_ms=timing.get("verify_ms", 0.0),
                               vocab_fingerprint=service.vocab_fingerprint, max_draft=service.settings.max_draft)
 
     @sessions.post("/{session_id}/verify", response_model=VerifyReply,
                    summary="Verify a draft block; retrying a round id returns the same answer")
-    async def verify(session_id: str, body: VerifyBlock):
+    async def verify(session_id: str, body: VerifyBlock, request: Request):
         q = None if body.q is None else [(d.ids, d.probs) for d in body.q]
-        return await service.verify(session_id, position=body.position, round_id=body.round_id,
+        return await service.verify(session_id, owner=_key_of(request), position=body.position, round_id=body.round_id,
                                     draft=body.draft_ids, q=q, drafting_ms=body.drafting_ms, rtt_ms=body.rtt_ms)
 
     @sessions.delete("/{session_id}", status_code=204, summary="Close a session and free its KV")
-    async def close_session(session_id: str):
-        if not service.close(session_id):
-            service.get(session_id)  # raises 404/410 with the reason
+    async def close_session(session_id: str, request: Request):
+        service.get(session_id, owner=_key_of(request))  # 404/410 with the reason, or another key's session
+        service.close(session_id)
         return Response(status_code=204)
 
     app.include_router(sessions)
-    app.include_router(build_router(service, text_model, tokenizer), dependencies=[Depends(require_key)], responses=ERRORS)
+    app.include_router(build_router(service, text_model, tokenizer), dependencies=keyed, responses=ERRORS)
 
-    @app.get("/v1/info", tags=["sessions"], dependencies=[Depends(require_key)],
+    @app.get("/v1/info", tags=["sessions"], dependencies=keyed, responses=ERRORS,
              summary="What an edge needs before opening sessions")
     async def info():
         return {"model": text_model.model_id, "vocab_size": text_model.vocab_size,

@@ -9,12 +9,15 @@ thread only touches the sessions of the batch it runs, which nobody else may tou
 
 Replies to a verify are idempotent per round id; a block drafted from a stale prefix is refused with
 the committed length; an evicted or forgotten session is refused with a code that tells the edge to
-resend its committed tokens (it opens a session with `resume`), so no token is ever lost.
+resend its committed tokens (it opens a session with `resume`), so no token is ever lost. A session
+belongs to the API key that opened it (`owner`, a hash of the key): any other key hears 404, as if
+the session did not exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import math
@@ -25,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import ProcessCollector
 
 from wisp_cloud.estimator import FEATURE_NAMES, TimeEstimator, VerifyCost
 from wisp_cloud.kv_pool import KVPool
@@ -42,6 +47,18 @@ log = logging.getLogger("wisp.service")
 REPLY_MEMORY = 8  # rounds whose replies a session keeps for retries
 TOMBSTONES = 65536  # forgotten session ids remembered, so the edge hears "evicted" rather than "unknown"
 ATTAINMENT_WINDOW_S = 10.0
+ACTIVE_WINDOW_S = 5.0  # under load, a session used this recently keeps its KV against newcomers
+TRIM_EVERY_S = 5.0
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 class ServiceError(ApiError):
@@ -55,6 +72,7 @@ class Session:
     slo_rate: float | None
     first_token_time: float
     last_used: float
+    owner: str | None = None  # id of the API key that opened it (None: the server runs without keys)
     generated: int = 0  # committed since the first target token (the SLO's N)
     alpha: float = 0.6  # per-token acceptance EWMA, the scheduler's E
     downlink_s: float = 0.0
@@ -93,9 +111,11 @@ class VerifierService:
                           estimator=estimator))
         self.metrics = Metrics()
         self.metrics.kv_budget.set(self.pool.budget_bytes)
+        # wisp_process_resident_memory_bytes, wisp_process_open_fds, ...: what a soak or an operator watches.
+        ProcessCollector(namespace="wisp", registry=self.metrics.registry)
         self.eos_ids = set(model.args.eos_token_ids)
         self.sessions: dict[str, Session] = {}
-        self._tombstones: OrderedDict[str, str] = OrderedDict()
+        self._tombstones: OrderedDict[str, tuple[str, str | None]] = OrderedDict()  # id -> (reason, owner)
         self._queued: dict[int, _Pending] = {}
         self._job_ids = itertools.count(1)
         self._slo_outcomes: deque[tuple[float, bool]] = deque(maxlen=1024)
@@ -104,6 +124,7 @@ class VerifierService:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._last_sweep = 0.0
+        self._last_trim = 0.0
         self.batches_run = 0
         self._demoted_seen = 0
 
@@ -132,7 +153,7 @@ class VerifierService:
 
     async def create_session(self, prompt_ids: list[int], params: SamplingParams, *, slo_rate: float | None = None,
                              vocab_fingerprint: str | None = None, resume: bool = False,
-                             mode: str = "speculative") -> tuple[Session, int | None, dict]:
+                             mode: str = "speculative", owner: str | None = None) -> tuple[Session, int | None, dict]:
         """Admit, prefill (scheduled like any job) and register a session; returns it, its first target
         token (None on resume: the edge already holds its committed tokens) and the timing of the prefill."""
         if vocab_fingerprint and self.vocab_fingerprint and vocab_fingerprint != self.vocab_fingerprint:
@@ -154,7 +175,7 @@ class VerifierService:
                                                         f"than the whole pool ({self.pool.budget_bytes})")
         self._admit(need)
         target.cache = self.pool.new_cache(session_id)
-        session = Session(target, mode, slo_rate, now, now)
+        session = Session(target, mode, slo_rate, now, now, owner)
         self.sessions[session_id] = session
         self.metrics.sessions.labels(mode).inc()
         work = Prefill(target, sample_first=not resume)
@@ -201,9 +222,21 @@ class VerifierService:
             self.metrics.rejected.labels("sessions_full").inc()
             raise ServiceError(503, "too_many_sessions", f"{len(self.sessions)} sessions open, all busy",
                                retry_after=retry)
-        if self.pool.free_bytes + self.pool.evictable_bytes(self._busy) < kv_bytes:
+        # Memory: what queued jobs will take is spoken for; under load (work queued) a newcomer may not
+        # evict sessions that are mid-answer, only ones idle for a while (on a quiet server the least
+        # recently used idle session still makes room: it resends its tokens when it comes back).
+        now = self.clock()
+
+        def kept(session_id: str) -> bool:
+            session = self.sessions.get(session_id)
+            return session is not None and (session.busy or (depth > 0 and now - session.last_used < ACTIVE_WINDOW_S))
+
+        reserved = sum(p.job.kv_bytes for p in self._queued.values())
+        available = self.pool.free_bytes + self.pool.evictable_bytes(kept) - reserved
+        if available < kv_bytes:
             self.metrics.rejected.labels("kv_full").inc()
-            raise ServiceError(503, "kv_full", "the KV pool is full of active sessions", retry_after=retry)
+            raise ServiceError(503, "kv_full", f"the KV pool is full of active sessions ({kv_bytes} bytes needed, "
+                                               f"{max(0, available)} free or reclaimable)", retry_after=retry)
 
     def _backlog_ms(self) -> float:
         """Predicted time to drain the queue: each job's marginal cost plus one intercept per batch."""
@@ -222,11 +255,14 @@ class VerifierService:
         recent = [ok for t, ok in self._slo_outcomes if t >= horizon]
         return (sum(recent) / len(recent) if recent else 1.0), len(recent)
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """The session, if `owner` opened it; 404 for an unknown session or another key's, 410 if it was dropped."""
         session = self.sessions.get(session_id)
+        if session is not None and session.owner != owner:
+            session = None
         if session is None:
-            reason = self._tombstones.get(session_id)
-            if reason:
+            reason, dropped_owner = self._tombstones.get(session_id, (None, None))
+            if reason and dropped_owner == owner:
                 raise ServiceError(410, "session_evicted", f"session {session_id} was {reason}: open a new session "
                                                            "with your committed tokens and resume=true")
             raise ServiceError(404, "unknown_session", f"no session {session_id} (the server may have restarted): "
@@ -252,7 +288,7 @@ class VerifierService:
         """Drop a session's record and KV; the edge hears `reason` and resends its tokens."""
         log.info("session dropped", extra={"session": session.id, "reason": reason, "tokens": session.target.position})
         self.close(session.id)
-        self._tombstones[session.id] = reason
+        self._tombstones[session.id] = (reason, session.owner)
         while len(self._tombstones) > TOMBSTONES:
             self._tombstones.popitem(last=False)
 
@@ -282,8 +318,8 @@ class VerifierService:
     # --- speculative rounds ------------------------------------------------------------------------
 
     async def verify(self, session_id: str, *, position: int, round_id: int, draft: list[int], q: list | None,
-                     drafting_ms: float = 0.0, rtt_ms: float | None = None) -> dict:
-        session = self.get(session_id)
+                     drafting_ms: float = 0.0, rtt_ms: float | None = None, owner: str | None = None) -> dict:
+        session = self.get(session_id, owner)
         if session.mode != "speculative":
             raise ServiceError(409, "wrong_mode", "this session decodes on the server")
         cached = session.replies.get(round_id)
@@ -331,7 +367,8 @@ class VerifierService:
             yield token
             produced = 1
             while produced < max_tokens and token not in self.eos_ids:
-                work = Verify(session.target, session.target.position, [], None)
+                # No draft: one q per draft token means none (an empty list) when sampling.
+                work = Verify(session.target, session.target.position, [], None if params.greedy else [])
                 verdict, _ = await self._submit(session, work, "decode", new_tokens=1,
                                                 cached=session.target.cache.length, draft_len=0)
                 token = verdict.token
@@ -403,6 +440,8 @@ class VerifierService:
                 if self._queued and batch.wait_s == 0.0:
                     self._preempt_newest()
                     continue
+                if not self._queued:
+                    self._trim_heap(now)
                 self._wake.clear()
                 timeout = None if batch.wait_s == INF else max(batch.wait_s, 0.0002)
                 try:
@@ -425,14 +464,27 @@ class VerifierService:
             except Exception as exc:  # a bug or a device error must not take the server down
                 log.exception("batched forward failed", extra={"batch_size": len(pendings)})
                 self.metrics.batch_errors.inc()
+                # Each session's KV may be half written: drop them all; their edges resend committed
+                # tokens after Retry-After (410 on the retry), so an innocent batch-mate loses no token.
                 for pending in pendings:
-                    self._fail(pending, ServiceError(500, "internal_error", f"verification failed: {exc}"))
+                    self._fail(pending, ServiceError(503, "batch_failed", f"the batched forward failed "
+                                                                          f"({type(exc).__name__}); retry",
+                                                     retry_after=1))
                     self._forget(pending.session, "reset after a failed forward")
                 continue
             self._record_batch(batch, pendings, started, measured_ms)
             for pending, result in zip(pendings, results):
                 self._finish(pending, result, started, measured_ms, batch)
             self.metrics.kv_used.set(self.pool.used_bytes)
+
+    def _trim_heap(self, now: float) -> None:
+        """When idle, at most every TRIM_EVERY_S, hand freed heap pages back to the OS: ragged batches
+        allocate tensors of ever-different sizes, and glibc keeps what they free, so without this the
+        resident memory of a long-running server creeps up although nothing leaks."""
+        if _malloc_trim is None or now - self._last_trim < TRIM_EVERY_S:
+            return
+        self._last_trim = now
+        _malloc_trim(0)
 
     def _forward(self, work: list[Prefill | Verify]) -> tuple[list, float]:
         import torch

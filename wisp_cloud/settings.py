@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wisp_edge.drafters import MODELS_DIR
@@ -27,7 +27,16 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     policy: Literal["wisp", "fcfs"] = "wisp"
-    api_key: str | None = Field(None, description="clients must send 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(None, description="clients must send 'Authorization: Bearer <key>'; several keys "
+                                                  "separated by commas")
+    api_keys_file: Path | None = Field(None, description="more keys, one per line ('#' starts a comment)")
+    rate_limit_rps: float = Field(100.0, ge=0, description="requests per second per API key (0: no limit)")
+    rate_limit_burst: float = Field(200.0, ge=1, description="requests a key may send at once")
+    max_body_mb: float = Field(16.0, gt=0, description="largest request body (MiB); larger ones get 413")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send its body; slower gets 408")
+    protect_docs: bool = Field(False, description="also require the key for /openapi.json and /docs")
+    ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
     kv_budget_mb: float | None = Field(None, gt=0, description="KV pool size (default: 1 GiB CPU, half the free GPU)")
     kv_block_tokens: int = Field(64, ge=1)
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")
@@ -44,3 +53,12 @@ class ServeSettings(BaseSettings):
     online_refit: bool = True
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeSettings":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+        for path in (self.ssl_certfile, self.ssl_keyfile, self.api_keys_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"file not found: {path}")
+        return self

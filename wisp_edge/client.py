@@ -34,6 +34,10 @@ class VerifierUnreachable(VerifierError, VerifierUnavailable):
 class VerifierBusy(VerifierError, VerifierUnavailable):
     """The verifier refused new work for longer than we were willing to wait."""
 
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the server's last Retry-After, for a caller that retries later
+
 
 class VerifierRequestError(VerifierError):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -61,6 +65,13 @@ class HttpVerifier:
         self._sessions: dict[str, _Remote] = {}
         self.resumes = 0  # sessions reopened after an eviction or a restart
         self.retries = 0  # requests repeated after a network failure
+        self.replays = 0  # rounds answered from the server's memory of an earlier try (a lost reply)
+        self.busy_waits = 0  # 429/503 answers waited out (Retry-After)
+
+    def faults(self) -> dict[str, int]:
+        """What the network and the server did to this client so far (counters; the engine reports the change)."""
+        return {"retries": self.retries, "resumes": self.resumes, "replayed_rounds": self.replays,
+                "busy_waits": self.busy_waits}
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -84,7 +95,8 @@ class HttpVerifier:
                 wait = _retry_after(response)
                 if time.monotonic() + wait > deadline:
                     code, message = _error_of(response)
-                    raise VerifierBusy(f"{response.status_code} {code}: {message}")
+                    raise VerifierBusy(f"{response.status_code} {code}: {message}", retry_after_s=wait)
+                self.busy_waits += 1
                 time.sleep(wait)
                 continue
             return response
@@ -130,6 +142,7 @@ class HttpVerifier:
             response = self._request("POST", f"/v1/sessions/{remote.server_id}/verify", body)
             if response.status_code == 200:
                 r = response.json()
+                self.replays += bool(r.get("replayed"))
                 return VerifyResult(r["accepted"], r["token"], r["bonus"], r["verify_ms"], r["queue_ms"],
                                     r.get("batch_size", 1), r.get("suggested_max_draft"))
             code, _ = _error_of(response)

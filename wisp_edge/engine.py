@@ -56,6 +56,9 @@ class FixedLength:
     def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
         return False
 
+    def stop_after_stats(self, index: int, stats: tuple[float, ...]) -> bool:
+        return False
+
     def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
                 drafting_ms: list[float]) -> None:
         pass
@@ -87,6 +90,7 @@ class GenerationStats:
     wall_s: float = 0.0
     new_tokens: int = 0
     unverified: int = 0  # drafter-only tokens (allow_local, verifier unreachable)
+    faults: dict[str, int] = field(default_factory=dict)  # what the backend survived (retries, resumes, ...)
 
     @property
     def mean_accepted(self) -> float:
@@ -108,7 +112,7 @@ class GenerationStats:
             "wasted_drafting_ms": round(sum(r.wasted_drafting_ms for r in self.rounds), 1),
             "verify_ms": round(sum(r.verify_ms for r in self.rounds), 1), "prefill_ms": round(self.prefill_ms, 1),
             "rtt_ms": round(sum(r.rtt_ms for r in self.rounds), 1), "queue_ms": round(sum(r.queue_ms for r in self.rounds), 1),
-            "unverified_tokens": self.unverified,
+            "unverified_tokens": self.unverified, "faults": dict(self.faults),
         }
 
 
@@ -136,6 +140,7 @@ class SpeculativeEngine:
             return
         self.stats = stats = GenerationStats()
         start = time.perf_counter()
+        faults_before = _faults_of(self.backend)
         rng = np.random.default_rng(params.seed)
         session_id = None
         try:
@@ -196,6 +201,7 @@ class SpeculativeEngine:
                     self.backend.close_session(session_id)
                 except VerifierUnavailable:
                     pass
+            stats.faults = {k: v - faults_before.get(k, 0) for k, v in _faults_of(self.backend).items()}
 
     def _local_only(self, committed: list[int], max_new_tokens: int, params: SamplingParams,
                     rng: np.random.Generator, start: float, resumed: bool = False) -> Iterator[CommittedToken]:
@@ -230,3 +236,9 @@ class SpeculativeEngine:
             if stop:
                 break
         return drafts, qs, times
+
+
+def _faults_of(backend) -> dict[str, int]:
+    """A networked backend's fault counters (`HttpVerifier.faults()`); none for an in-process one."""
+    faults = getattr(backend, "faults", None)
+    return faults() if callable(faults) else {}
