@@ -86,3 +86,23 @@ def test_kv_bytes_per_token_matches_the_allocated_tensors():
     assert cache.capacity == 12
     a = model.args
     assert model.kv_bytes_per_token == 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4  # float32 keys and values
+
+
+
+def test_a_resumed_sampled_session_draws_what_the_lost_one_would_have():
+    """After a restart the edge re-sends its round to a session resumed from its committed tokens:
+    the verdict must be the one the lost session would have given (same seed, same position)."""
+    vocab = 11
+    model = tiny_target(vocab=vocab, seed=2, scale=1.0)
+    verifier = Verifier(model)
+    uniform = (list(range(vocab)), [1.0 / vocab] * vocab)  # a poor drafter: rejections and resampling
+    draft = [4, 7, 1]
+    for seed in range(8):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        lost = verifier.open("lost", [1, 2, 3], params)
+        verifier.prefill([lost])  # samples the first token, which the edge keeps
+        resumed = verifier.open("resumed", list(lost.tokens), params)
+        verifier.run([Prefill(resumed, sample_first=False)])
+        v_lost, v_resumed = verifier.verify([(lost, lost.position, draft, [uniform] * 3),
+                                             (resumed, resumed.position, draft, [uniform] * 3)])
+        assert v_lost == v_resumed, f"seed {seed}"

@@ -8,7 +8,7 @@ keeps the KV of the last committed token plus the accepted drafts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,11 +32,18 @@ class TargetSession:
     tokens: list[int]  # committed: prompt + generated
     params: SamplingParams
     cache: KVCache
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    seed: int = 0  # the request's seed, or a random one
 
     @property
     def position(self) -> int:
         return len(self.tokens)
+
+    def generator_at(self, position: int) -> torch.Generator:
+        """The random stream for the round drafted at `position`: a function of (seed, position) only,
+        so a round re-sent after a resume or a restart draws the same numbers and, with the same
+        draft, gets the same verdict; sampled text is then as reproducible as greedy text."""
+        mixed = (self.seed ^ (position * 0x9E3779B97F4A7C15)) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(mixed)
 
 
 @dataclass
@@ -71,10 +78,9 @@ class Verifier:
             raise InvalidDraftError("the prompt must hold at least one token")
         if len(prompt_ids) >= self.model.args.max_seq_len:
             raise InvalidDraftError(f"prompt of {len(prompt_ids)} tokens exceeds the model's {self.model.args.max_seq_len}")
-        generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        seed = params.seed if params.seed is not None else torch.seed()
         cache = cache if cache is not None else self.model.new_cache(capacity=len(prompt_ids) + 64)
-        return TargetSession(session_id, list(prompt_ids), params, cache, generator)
+        return TargetSession(session_id, list(prompt_ids), params, cache, seed)
 
     def prefill(self, sessions: list[TargetSession]) -> list[int]:
         """One forward over the sessions' prompts; appends and returns each first target token."""
@@ -138,13 +144,14 @@ class Verifier:
                         verdict = verify_greedy(rows_i, item.draft)
                     else:
                         q_rows = [dense_q(sparse, self.vocab_size) for sparse in item.q]
-                        verdict = verify_sampled(rows_i, item.draft, q_rows, s.params, s.generator)
+                        verdict = verify_sampled(rows_i, item.draft, q_rows, s.params,
+                                                 s.generator_at(item.position))
                     s.tokens.extend([*item.draft[: verdict.accepted], verdict.token])
                     results[id(item)] = verdict
                     kept.append(1 + verdict.accepted)
                 else:
                     if item.sample_first:
-                        token = sample_token(logits[first_row], s.params, s.generator)
+                        token = sample_token(logits[first_row], s.params, s.generator_at(s.position))
                         s.tokens.append(token)
                         results[id(item)] = token
                     kept.append(n_fed)
