@@ -1,0 +1,169 @@
+"""A simulated edge device: wisp_edge/engine.py's round loop and wisp_edge/client.py's retries, on SimPy time.
+
+Speculative request (`speculative`): open a session (429/503: wait Retry-After, up to 60 s as the client
+does), receive the first token, prefill the drafter on the device, then rounds until the answer is done:
+  budget = min(policy.max_draft(), remaining - 1)              (SpeculativeEngine.generate)
+  draft token by token; after each, policy.stop_after_stats(index, stats of that token's distribution)
+  send the block; the server verifies it in some batch; the reply comes back over the network
+  rtt = the whole verify call; the network's share = rtt - queue - verify is reported next round
+  policy.observe(drafted, accepted, VerifyResult(...), rtt, per-token drafting ms)
+An evicted or preempted session (410) is resumed with the committed tokens and the round is sent again.
+The policy is the production object (a new one per request, as `EdgeAgent.engine()` builds one per
+generation); only the drafter is replaced: its per-token statistics and the target's verdicts come from
+the acceptance model, its speed from the device profile.
+
+Centralized request (`centralized`): the prompt goes up, the server decodes every token, tokens stream
+down (in order, each after its own one-way delay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from tools.sim import network as net
+from tools.sim.acceptance import RequestPath
+from tools.sim.devices import DeviceProfile
+from tools.sim.metrics import RequestRecord
+from tools.sim.server import Refused, SimServer
+from wisp_edge.protocol import VerifyResult
+
+CLIENT_MAX_WAIT_S = 60.0  # HttpVerifier.max_wait_s
+
+
+@dataclass
+class Device:
+    index: int
+    profile: DeviceProfile
+    link: net.Link
+    rng: np.random.Generator
+
+
+@dataclass
+class Block:
+    drafted: int
+    accepted: int
+    times_ms: list[float] = field(default_factory=list)
+
+
+def draft_block(policy, path: RequestPath, cursor: int, budget: int, device: DeviceProfile, charge_predictor: bool,
+                rng: np.random.Generator) -> Block:
+    """SpeculativeEngine._draft with the drafter replaced by the path: one token at a time, the policy decides."""
+    first_rejection = None
+    drafted = 0
+    for index in range(budget):
+        stats = path.row(cursor, index, first_rejection)
+        if first_rejection is None and not path.accepted[cursor + index]:
+            first_rejection = index
+        drafted += 1
+        if policy.stop_after_stats(index, stats):
+            break
+    accepted = drafted if first_rejection is None else first_rejection
+    times = device.draft_ms * np.exp(rng.normal(0.0, device.jitter, drafted)) if device.jitter > 0 else \
+        np.full(drafted, device.draft_ms)
+    if charge_predictor:
+        times = times + device.predictor_ms  # the policy's own time counts as drafting (the engine's timer)
+    return Block(drafted, accepted, times.tolist())
+
+
+def _open(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, tokens: int, slo: float,
+          *, mode: str, resume: bool, max_tokens: int = 0, on_token=None):
+    """Open (or resume) a session; returns it once its prefill is done and the reply has arrived, else None."""
+    give_up = env.now + CLIENT_MAX_WAIT_S
+    while True:
+        yield env.timeout(dev.link.one_way_s(net.SESSION_UP_BASE + net.PER_PROMPT_TOKEN * tokens, True, dev.rng))
+        try:
+            session, done = server.open_session(tokens, slo, mode=mode, resume=resume, max_tokens=max_tokens,
+                                                on_token=on_token)
+        except Refused as r:
+            rec.refused += 1
+            yield env.timeout(dev.link.one_way_s(net.SESSION_DOWN, False, dev.rng))
+            if r.status == 413 or env.now + r.retry_after > give_up:
+                return None
+            yield env.timeout(r.retry_after)
+            continue
+        reply = yield done
+        yield env.timeout(dev.link.one_way_s(net.SESSION_DOWN, False, dev.rng))
+        if "error" in reply:  # preempted during its prefill: try again
+            rec.resumes += 1
+            continue
+        return session
+
+
+def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, path: RequestPath,
+                policy, charge_predictor: bool, overlap_prefill: bool = False):
+    t_open = env.now
+    session = yield from _open(env, server, dev, rec, rec.prompt_tokens, rec.slo, mode="speculative", resume=False)
+    if session is None:
+        rec.failed = True
+        return
+    rec.t_first = rec.t_last = env.now
+    rec.tokens = 1
+    rec.token_log.append((env.now, 1))
+    # The engine prefills the drafter (prompt + first token) after the session opens, before its first round;
+    # `overlap_prefill` models an engine that prefills the prompt while the server does (not ours today).
+    prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
+    if overlap_prefill:
+        prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
+    yield env.timeout(prefill_s)
+    cursor, last_rtt_ms = 0, None
+    while rec.tokens < rec.output_tokens:
+        budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
+        block = draft_block(policy, path, cursor, budget, dev.profile, charge_predictor, dev.rng)
+        drafting_s = sum(block.times_ms) / 1000.0
+        t0 = env.now + drafting_s
+        while True:  # drafting and the uplink in one timeout: fewer events, same times
+            yield env.timeout(drafting_s + dev.link.one_way_s(net.VERIFY_UP_BASE + net.PER_DRAFT_TOKEN * block.drafted,
+                                                              True, dev.rng))
+            drafting_s = 0.0
+            try:
+                reply = yield server.verify(session, block.drafted, block.accepted, last_rtt_ms)
+            except Refused:
+                reply = {"error": 410}
+            yield env.timeout(dev.link.one_way_s(net.VERIFY_DOWN, False, dev.rng))
+            if "error" not in reply:
+                break
+            rec.resumes += 1  # evicted or preempted: reopen with the committed tokens, resend the round
+            session = yield from _open(env, server, dev, rec, rec.prompt_tokens + rec.tokens, rec.slo,
+                                       mode="speculative", resume=True)
+            if session is None:
+                rec.failed = True
+                return
+        rtt_ms = (env.now - t0) * 1000.0
+        last_rtt_ms = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
+        accepted = reply["accepted"]
+        result = VerifyResult(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
+                              reply["batch_size"], reply["suggested_max_draft"])
+        policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
+        rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms)
+        cursor += accepted + 1
+        rec.tokens += accepted + 1
+        rec.t_last = env.now
+        rec.token_log.append((env.now, accepted + 1))
+    server.close(session)
+
+
+def centralized(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord):
+    arrivals: list[float] = []
+
+    def on_token(t_done: float, index: int) -> None:  # streamed in order: never before the previous one
+        t = t_done + dev.link.one_way_s(net.STREAM_CHUNK, False, dev.rng)
+        arrivals.append(max(t, arrivals[-1]) if arrivals else t)
+
+    session = yield from _open(env, server, dev, rec, rec.prompt_tokens, rec.slo, mode="centralized", resume=False,
+                               max_tokens=rec.output_tokens, on_token=on_token)
+    if session is None:
+        rec.failed = True
+        return
+    if rec.output_tokens > 1:
+        reply = yield session.finished
+        if "error" in reply:
+            rec.failed = True
+    server.close(session)
+    if arrivals:
+        yield env.timeout(max(0.0, arrivals[-1] - env.now))
+        rec.t_first, rec.t_last, rec.tokens = arrivals[0], arrivals[-1], len(arrivals)
+        rec.token_log = [(t, 1) for t in arrivals]
+        rec.rounds = len(arrivals) - 1

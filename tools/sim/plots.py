@@ -1,0 +1,99 @@
+"""PNG plots of the experiments (matplotlib, Agg backend; small files meant to be committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"wisp": "#1f77b4", "centralized": "#7f7f7f", "sled": "#d62728", "sled_fixed": "#d62728",
+          "sled_confidence": "#ff9896", "wisp_no_predictor": "#2ca02c", "wisp_fcfs": "#9467bd",
+          "centralized_wisp": "#bcbd22"}
+PAPER_CAPACITY = {"wisp": [164, 142, 103, 86], "centralized": [97, 80, 54, 41], "sled": [83, 42, 27, 21]}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def capacity(cap: dict, path: Path, title: str, paper: bool = False) -> Path:
+    systems = [s for s in cap if s != "sled"]
+    slos = list(next(iter(cap.values())))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(systems)
+    for i, s in enumerate(systems):
+        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(slos))]
+        ax.bar(xs, [cap[s][k] for k in slos], width, label=s, color=COLORS.get(s))
+    if paper:
+        for s, marker in (("wisp", "o"), ("centralized", "s"), ("sled", "^")):
+            ax.plot(range(len(slos)), PAPER_CAPACITY[s], marker, color="k", fillstyle="none", linestyle=":",
+                    label=f"paper: {s}")
+    ax.set_xticks(range(len(slos)), [f"{k} tok/s" for k in slos])
+    ax.set_ylabel("capacity (devices, attainment >= 90%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def goodput(good: dict, path: Path, title: str) -> Path:
+    systems = [s for s in good if s != "sled"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(systems, [good[s] for s in systems], color=[COLORS.get(s) for s in systems])
+    ax.set_ylabel("goodput (tokens/s meeting SLO)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    return _save(fig, path)
+
+
+def burst(series: list, path: Path, title: str, start_s: float, length_s: float) -> Path:
+    mults = sorted({r["multiplier"] for r in series})
+    systems = sorted({r["system"] for r in series}, key=lambda s: s != "wisp")
+    slos = sorted({r["slo"] for r in series})
+    fig, axes = plt.subplots(1, len(mults), figsize=(4 * len(mults), 3.4), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, m in zip(axes[0], mults):
+        ax.axvspan(start_s, start_s + length_s, color="0.9")
+        for si, system in enumerate(systems):
+            for ci, slo in enumerate(slos):
+                pts = [(r["t"], r["attainment"]) for r in series if r["multiplier"] == m and r["system"] == system
+                       and r["slo"] == slo and r["attainment"] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), linestyle="-" if si == 0 else "--", color=cmap(ci / max(1, len(slos) - 1)),
+                            label=f"{system} {slo:g} tok/s")
+        ax.set_title(f"burst to {m:g}x base", fontsize=9)
+        ax.set_xlabel("request arrival (s)")
+    axes[0][0].set_ylabel("SLO attainment")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def rtt(rows: list, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for system in sorted({r["system"] for r in rows}):
+        pts = sorted((r["rtt_ms"], r["capacity"]) for r in rows if r["system"] == system)
+        ax.plot(*zip(*pts), marker="o", label=system, color=COLORS.get(system))
+    ax.set_xscale("log")
+    ax.set_xlabel("median RTT (ms)")
+    ax.set_ylabel("capacity (devices)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def sweep(rows: list, key: str, path: Path, title: str, xlabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for system in sorted({r["system"] for r in rows}):
+        pts = sorted((r[key], r["capacity"]) for r in rows if r["system"] == system)
+        ax.plot(*zip(*pts), marker="o", label=system, color=COLORS.get(system))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("capacity (devices)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""WISP's discrete-event simulator (tools/sim/): capacity, goodput, bursts and RTT sensitivity, on the production
+scheduler, estimator and speculation controller.
+
+    python tools/simulate.py --quick --json                        # reduced sweep (< 1 min), JSON on stdout
+    python tools/simulate.py --experiment all --setup paper --out docs/results/paper
+    python tools/simulate.py --experiment capacity --setup ours --systems wisp,centralized --slos 4,8
+    python tools/simulate.py --run --system wisp --devices 80 --slo 8 --setup paper   # one run, its summary
+
+Setups (tools/sim/experiments.py SETUPS): `paper` (A100-class server, Qwen3-32B-like profile, Pi 5 / Orin
+Nano boards, parametric acceptance 0.75), `ours` (our CPU verifier profile, the shipped 4-bit drafter on
+one VM core per device, its logged rounds replayed), `ours-student` (the same with the student drafter).
+Outputs: <out>/<experiment>.csv and .json, <out>/<experiment>.png, and <out>/summary.json. Progress goes to
+stderr. Capacity = the most concurrent devices with SLO attainment >= --attainment (default 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.sim import experiments as ex  # noqa: E402
+from tools.sim import plots  # noqa: E402
+from tools.sim.io import write_csv, write_json  # noqa: E402
+from tools.sim.run import simulate  # noqa: E402
+from tools.sim.workload import SLO_CLASSES  # noqa: E402
+
+QUICK_SYSTEMS = ex.MAIN_SYSTEMS
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced sweep (capacity + goodput) in under a minute")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.add_argument("--experiment", default="all",
+                   help="capacity | goodput | burst | rtt | server | levers | all (comma-separated)")
+    p.add_argument("--setup", choices=sorted(ex.SETUPS), help="default: paper (quick: ours)")
+    p.add_argument("--out", type=Path, help="output directory (default: a temporary one with --quick, else "
+                                            "docs/results/<setup>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attainment", type=float, default=0.9, help="SLO attainment that defines capacity")
+    p.add_argument("--systems", help=f"comma-separated, default {','.join(ex.MAIN_SYSTEMS)}")
+    p.add_argument("--slos", type=_floats, default=SLO_CLASSES, help="SLO classes, tokens/s")
+    p.add_argument("--tol", type=float, help="capacity search resolution (relative); default 0.05 (quick 0.15)")
+    p.add_argument("--goodput-devices", type=int, help="the fixed load of the goodput experiment")
+    p.add_argument("--burst-base", type=int, help="base devices of the burst experiment")
+    p.add_argument("--rtts", type=_floats, default=(5, 10, 20, 40, 80, 160, 320))
+    p.add_argument("--rtt-slo", type=float, default=8.0)
+    p.add_argument("--acceptance", help="override the setup's acceptance model (q4, student, param:0.75, ...)")
+    p.add_argument("--truth", choices=["profile", "roofline"], help="forward-time model (A100 profile only)")
+    p.add_argument("--kv-budget-gb", type=float, help="override the KV budget (inf: unbounded)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--lock", help="hold this flock during each simulation (e.g. /tmp/wisp_heavy.lock on a shared box)")
+    p.add_argument("--run", action="store_true", help="one simulation (--system, --devices, --slo) and its summary")
+    p.add_argument("--system", default="wisp")
+    p.add_argument("--devices", type=int, default=50)
+    p.add_argument("--slo", type=float, help="one SLO class for --run (default: the mix 2/4/6/8)")
+    return p.parse_args(argv)
+
+
+def base_config(a: argparse.Namespace):
+    cfg = replace(ex.SETUPS[a.setup], seed=a.seed)
+    if a.acceptance:
+        cfg = replace(cfg, acceptance=a.acceptance)
+    if a.truth:
+        cfg = replace(cfg, truth=a.truth)
+    if a.kv_budget_gb is not None:
+        cfg = replace(cfg, kv_budget_gb=a.kv_budget_gb)
+    return ex.quick(cfg) if a.quick else cfg
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    a.setup = a.setup or ("ours" if a.quick else "paper")
+    ex.LOCK_PATH = a.lock
+    cfg = base_config(a)
+    t0 = time.time()
+    if a.run:
+        wl = cfg.workload.with_slo(a.slo) if a.slo else cfg.workload
+        run = simulate(replace(cfg, system=a.system, devices=a.devices, workload=wl))
+        print(json.dumps({"config": {"setup": a.setup, "system": a.system, "devices": a.devices, "slo": a.slo},
+                          "wall_s": round(run.wall_s, 2), **run.summary}, indent=None if a.json else 1, default=str))
+        return 0
+    out = a.out or (Path(tempfile.mkdtemp(prefix="wisp-sim-")) if a.quick else ROOT / "docs" / "results" / a.setup)
+    out.mkdir(parents=True, exist_ok=True)
+    systems = tuple(a.systems.split(",")) if a.systems else (QUICK_SYSTEMS if a.quick else ex.MAIN_SYSTEMS)
+    wanted = {"capacity", "goodput"} if a.quick else (
+        {"capacity", "goodput", "burst", "rtt", "server", "levers"} if a.experiment == "all"
+        else set(a.experiment.split(",")))
+    tol = a.tol if a.tol is not None else (0.15 if a.quick else 0.05)
+    summary: dict = {"setup": a.setup, "quick": a.quick, "seed": a.seed, "attainment_threshold": a.attainment,
+                     "config": _describe(cfg), "systems": list(systems), "out": str(out)}
+    if "capacity" in wanted:
+        cap, rows = ex.capacity_experiment(cfg, systems, a.slos, a.attainment, tol,
+                                           guess=ex.CAPACITY_GUESS.get(a.setup, 32))
+        summary["capacity"] = cap
+        write_csv(out / "capacity_runs.csv", rows)
+        write_json(out / "capacity.json", cap)
+        if not a.no_plots:
+            plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup})", paper=a.setup == "paper")
+    if "goodput" in wanted:
+        devices = a.goodput_devices or ex.GOODPUT_DEVICES[a.setup]
+        good, rows = ex.goodput_experiment(cfg, devices, systems)
+        summary["goodput"] = good
+        summary["goodput_devices"] = devices
+        write_csv(out / "goodput.csv", rows)
+        if not a.no_plots:
+            plots.goodput(good, out / "goodput.png", f"goodput at {devices} devices, SLO mix 2/4/6/8 ({a.setup})")
+    if "capacity" in summary or "goodput" in summary:
+        summary["ratios"] = ex.ratios(summary.get("capacity", {}), summary.get("goodput", {}))
+    if "burst" in wanted:
+        base = a.burst_base or ex.BURST_BASE[a.setup]
+        bsum, series = ex.burst_experiment(cfg, base)
+        summary["burst"] = {"base_devices": base, **bsum}
+        write_csv(out / "burst.csv", series)
+        if not a.no_plots:
+            plots.burst(series, out / "burst.png", f"bursts from {base} devices ({a.setup}): WISP (solid) vs FCFS "
+                                                   "(dashed), 5 seeds pooled", 60.0, 40.0)
+    if "rtt" in wanted:
+        rtt, rows = ex.rtt_experiment(cfg, a.rtts, slo=a.rtt_slo, threshold=a.attainment,
+                                      guess=ex.CAPACITY_GUESS.get(a.setup, 32))
+        summary["rtt"] = {"slo": a.rtt_slo, "capacity": rtt}
+        write_csv(out / "rtt.csv", rows)
+        if not a.no_plots:
+            plots.rtt(rows, out / "rtt.png", f"capacity at {a.rtt_slo:g} tok/s vs RTT ({a.setup})")
+    if "server" in wanted:
+        srv, rows = ex.server_cost_experiment(cfg, threshold=a.attainment, guess=ex.CAPACITY_GUESS.get(a.setup, 32))
+        summary["server_cost"] = {"slo": 8.0, "capacity_by_per_cached_token_ms": srv}
+        write_csv(out / "server_cost.csv", rows)
+        if not a.no_plots:
+            plots.sweep(rows, "per_cached_token_ms", out / "server_cost.png", "capacity at 8 tok/s vs per-request "
+                        f"KV-read cost ({a.setup})", "c3: ms per cached token per forward")
+    if "levers" in wanted:
+        lev, rows = ex.levers_experiment(cfg, threshold=a.attainment, guess=ex.CAPACITY_GUESS.get(a.setup, 32) // 2)
+        summary["levers"] = {"slo": 8.0, "capacity": lev}
+        write_csv(out / "levers.csv", rows)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    previous = out / "summary.json"
+    if previous.exists() and not a.quick:  # a partial rerun updates the experiments it ran, keeps the others
+        summary = {**json.loads(previous.read_text()), **summary}
+    write_json(out / "summary.json", summary)
+    if a.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _describe(cfg) -> dict:
+    wl = cfg.workload
+    return {"server": cfg.server, "truth": cfg.truth, "kv_budget_gb": None if cfg.kv_budget_gb is None else (
+        "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
+        "acceptance": cfg.acceptance, "prompt": vars(wl.prompt), "output": vars(wl.output), "think_s": wl.think_s,
+        "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
