@@ -62,6 +62,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--acceptance", help="override the setup's acceptance model (q4, student, param:0.75, ...)")
     p.add_argument("--truth", choices=["profile", "roofline"], help="forward-time model (A100 profile only)")
     p.add_argument("--kv-budget-gb", type=float, help="override the KV budget (inf: unbounded)")
+    p.add_argument("--fleet", help="override the setup's device fleet (tools/sim/devices.py FLEETS)")
+    p.add_argument("--drafter-prefill", choices=["sequential", "overlapped", "free"],
+                   help="when the device prefills its drafter (our engine: sequential)")
+    p.add_argument("--c3", type=float, help="what-if server: the per-cached-token cost, ms (the profile's otherwise)")
+    p.add_argument("--seeds", type=int, default=1, help="capacity: median over this many seeds")
+    p.add_argument("--measure-requests", type=int, help="requests measured per device (setup's default otherwise)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--lock", help="hold this flock during each simulation (e.g. /tmp/wisp_heavy.lock on a shared box)")
     p.add_argument("--run", action="store_true", help="one simulation (--system, --devices, --slo) and its summary")
@@ -79,6 +85,14 @@ def base_config(a: argparse.Namespace):
         cfg = replace(cfg, truth=a.truth)
     if a.kv_budget_gb is not None:
         cfg = replace(cfg, kv_budget_gb=a.kv_budget_gb)
+    if a.fleet:
+        cfg = replace(cfg, fleet=a.fleet)
+    if a.drafter_prefill:
+        cfg = replace(cfg, drafter_prefill=a.drafter_prefill)
+    if a.c3 is not None:
+        cfg = replace(cfg, coefficients=(None, None, None, a.c3))
+    if a.measure_requests:
+        cfg = replace(cfg, measure_requests=a.measure_requests)
     return ex.quick(cfg) if a.quick else cfg
 
 
@@ -105,7 +119,7 @@ def main(argv=None) -> int:
                      "config": _describe(cfg), "systems": list(systems), "out": str(out)}
     if "capacity" in wanted:
         cap, rows = ex.capacity_experiment(cfg, systems, a.slos, a.attainment, tol,
-                                           guess=ex.CAPACITY_GUESS.get(a.setup, 32))
+                                           guess=ex.CAPACITY_GUESS.get(a.setup, 32), seeds=a.seeds)
         summary["capacity"] = cap
         write_csv(out / "capacity_runs.csv", rows)
         write_json(out / "capacity.json", cap)
@@ -163,7 +177,8 @@ def _describe(cfg) -> dict:
     wl = cfg.workload
     return {"server": cfg.server, "truth": cfg.truth, "kv_budget_gb": None if cfg.kv_budget_gb is None else (
         "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
-        "acceptance": cfg.acceptance, "prompt": vars(wl.prompt), "output": vars(wl.output), "think_s": wl.think_s,
+        "acceptance": cfg.acceptance, "coefficients": cfg.coefficients, "drafter_prefill": cfg.drafter_prefill,
+        "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output), "think_s": wl.think_s,
         "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
 
 

@@ -93,7 +93,7 @@ def _open(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRe
 
 
 def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, path: RequestPath,
-                policy, charge_predictor: bool, overlap_prefill: bool = False):
+                policy, charge_predictor: bool, drafter_prefill: str = "sequential"):
     t_open = env.now
     session = yield from _open(env, server, dev, rec, rec.prompt_tokens, rec.slo, mode="speculative", resume=False)
     if session is None:
@@ -102,11 +102,13 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     rec.t_first = rec.t_last = env.now
     rec.tokens = 1
     rec.token_log.append((env.now, 1))
-    # The engine prefills the drafter (prompt + first token) after the session opens, before its first round;
-    # `overlap_prefill` models an engine that prefills the prompt while the server does (not ours today).
+    # The engine prefills the drafter (prompt + first token) after the session opens, before its first round.
+    # What-ifs: "overlapped" prefills the prompt while the server does; "free" costs nothing.
     prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
-    if overlap_prefill:
+    if drafter_prefill == "overlapped":
         prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
+    elif drafter_prefill == "free":
+        prefill_s = 0.0
     yield env.timeout(prefill_s)
     cursor, last_rtt_ms = 0, None
     while rec.tokens < rec.output_tokens:

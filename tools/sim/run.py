@@ -53,7 +53,7 @@ class SimConfig:
     admission: bool = True
     online_refit: bool = True
     early_stop_below: float | None = None  # stop once attainment below this is certain (capacity searches)
-    overlap_prefill: bool = False  # the device prefills its drafter while the server prefills (not our engine)
+    drafter_prefill: str = "sequential"  # our engine; "overlapped" with the server's prefill; "free" (what-if)
     coefficients: tuple | None = None  # a what-if server: replaces the profile's (c0, c1, c2, c3); None keeps one
 
 
@@ -162,7 +162,7 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
                 if keep_policies:
                     policies.append(policy)
                 yield from edge.speculative(env, server, dev, rec, path, policy, uses_predictor(system),
-                                             cfg.overlap_prefill)
+                                             cfg.drafter_prefill)
             else:
                 yield from edge.centralized(env, server, dev, rec)
             if watched:
