@@ -23,7 +23,8 @@ from wisp_cloud.estimator import TimeEstimator  # noqa: E402
 from wisp_cloud.scheduler import FcfsScheduler, WispScheduler  # noqa: E402
 from wisp_edge.controller.bounds import DraftBound  # noqa: E402
 from wisp_edge.controller.policy import Controller, make_policy  # noqa: E402
-from wisp_edge.controller.predictor import PREDICTOR_DIR, ConfidencePolicy, PredictorPolicy, RejectionPredictor  # noqa: E402
+from wisp_edge.controller.predictor import (PREDICTOR_DIR, ConfidencePolicy, PredictorPolicy,  # noqa: E402
+                                            RejectionPredictor)
 from wisp_edge.engine import FixedLength  # noqa: E402
 
 TINY = Workload(prompt=Lengths(64, 0.3, 16, 128), output=Lengths(40, 0.3, 16, 64), think_s=0.5, stagger_s=2.0)
@@ -53,7 +54,8 @@ def test_tokens_are_conserved(system):
 
 
 def test_tokens_are_conserved_through_evictions_and_resumes():
-    """A KV pool of ~650 tokens for 6 sessions of up to ~190: sessions are evicted (or preempted) and resumed; no token is lost or doubled."""
+    """A KV pool of ~650 tokens for 6 sessions of up to ~190 each: sessions are evicted (or preempted) and resumed;
+    no token is lost or doubled."""
     run = simulate(replace(SMALL, system="wisp", kv_budget_gb=0.03, admission=False))
     _conserved(run)
     st = run.summary["server"]

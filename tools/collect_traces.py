@@ -14,7 +14,8 @@ marked "train", the held-out ones (models/student/heldout_prompts.jsonl, never t
 the simulator replays held-out rounds and trains predictors for parametric pairs on train rounds.
 
 Output: models/traces/<drafter>.jsonl.gz, a header line then one line per prompt:
-    {"prompt": i, "split": "heldout", "rounds": [[drafted, accepted, draft_ms, verify_ms, [[5 stats..., label], ...]], ...]}
+    {"prompt": i, "split": "heldout",
+     "rounds": [[drafted, accepted, draft_ms, verify_ms, [[5 stats..., label], ...]], ...]}
 """
 
 from __future__ import annotations

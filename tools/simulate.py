@@ -117,6 +117,14 @@ def main(argv=None) -> int:
     tol = a.tol if a.tol is not None else (0.15 if a.quick else 0.05)
     summary: dict = {"setup": a.setup, "quick": a.quick, "seed": a.seed, "attainment_threshold": a.attainment,
                      "config": _describe(cfg), "systems": list(systems), "out": str(out)}
+    timings: dict[str, float] = {}
+    mark = time.time()
+
+    def done(name: str) -> None:
+        nonlocal mark
+        timings[name] = round(time.time() - mark, 1)
+        mark = time.time()
+
     if "capacity" in wanted:
         cap, rows = ex.capacity_experiment(cfg, systems, a.slos, a.attainment, tol,
                                            guess=ex.CAPACITY_GUESS.get(a.setup, 32), seeds=a.seeds)
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
         write_json(out / "capacity.json", cap)
         if not a.no_plots:
             plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup})", paper=a.setup == "paper")
+        done("capacity")
     if "goodput" in wanted:
         devices = a.goodput_devices or ex.GOODPUT_DEVICES[a.setup]
         good, rows = ex.goodput_experiment(cfg, devices, systems)
@@ -133,6 +142,7 @@ def main(argv=None) -> int:
         write_csv(out / "goodput.csv", rows)
         if not a.no_plots:
             plots.goodput(good, out / "goodput.png", f"goodput at {devices} devices, SLO mix 2/4/6/8 ({a.setup})")
+        done("goodput")
     if "capacity" in summary or "goodput" in summary:
         summary["ratios"] = ex.ratios(summary.get("capacity", {}), summary.get("goodput", {}))
     if "burst" in wanted:
@@ -143,6 +153,7 @@ def main(argv=None) -> int:
         if not a.no_plots:
             plots.burst(series, out / "burst.png", f"bursts from {base} devices ({a.setup}): WISP (solid) vs FCFS "
                                                    "(dashed), 5 seeds pooled", 60.0, 40.0)
+        done("burst")
     if "rtt" in wanted:
         rtt, rows = ex.rtt_experiment(cfg, a.rtts, slo=a.rtt_slo, threshold=a.attainment,
                                       guess=ex.CAPACITY_GUESS.get(a.setup, 32))
@@ -150,6 +161,7 @@ def main(argv=None) -> int:
         write_csv(out / "rtt.csv", rows)
         if not a.no_plots:
             plots.rtt(rows, out / "rtt.png", f"capacity at {a.rtt_slo:g} tok/s vs RTT ({a.setup})")
+        done("rtt")
     if "server" in wanted:
         srv, rows = ex.server_cost_experiment(cfg, threshold=a.attainment, guess=ex.CAPACITY_GUESS.get(a.setup, 32))
         summary["server_cost"] = {"slo": 8.0, "capacity_by_per_cached_token_ms": srv}
@@ -157,14 +169,19 @@ def main(argv=None) -> int:
         if not a.no_plots:
             plots.sweep(rows, "per_cached_token_ms", out / "server_cost.png", "capacity at 8 tok/s vs per-request "
                         f"KV-read cost ({a.setup})", "c3: ms per cached token per forward")
+        done("server")
     if "levers" in wanted:
         lev, rows = ex.levers_experiment(cfg, threshold=a.attainment, guess=ex.CAPACITY_GUESS.get(a.setup, 32) // 2)
         summary["levers"] = {"slo": 8.0, "capacity": lev}
         write_csv(out / "levers.csv", rows)
+        done("levers")
     summary["wall_s"] = round(time.time() - t0, 1)
     previous = out / "summary.json"
     if previous.exists() and not a.quick:  # a partial rerun updates the experiments it ran, keeps the others
-        summary = {**json.loads(previous.read_text()), **summary}
+        old = json.loads(previous.read_text())
+        timings = {**old.get("timings_s", {}), **timings}
+        summary = {**old, **summary}
+    summary["timings_s"] = timings
     write_json(out / "summary.json", summary)
     if a.json:
         print(json.dumps(summary, default=str))
@@ -178,8 +195,8 @@ def _describe(cfg) -> dict:
     return {"server": cfg.server, "truth": cfg.truth, "kv_budget_gb": None if cfg.kv_budget_gb is None else (
         "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
         "acceptance": cfg.acceptance, "coefficients": cfg.coefficients, "drafter_prefill": cfg.drafter_prefill,
-        "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output), "think_s": wl.think_s,
-        "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
+        "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output),
+        "think_s": wl.think_s, "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
 
 
 if __name__ == "__main__":

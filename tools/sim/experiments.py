@@ -58,7 +58,7 @@ def log(msg: str) -> None:
 
 def quick(cfg: SimConfig) -> SimConfig:
     """The reduced sweep's runs: short answers, a 10 s measurement window."""
-    return replace(cfg, workload=QUICK, warmup_s=5.0, window_s=20.0, measure_requests=1, max_sim_s=300.0)
+    return replace(cfg, workload=QUICK, warmup_s=5.0, window_s=20.0, measure_requests=2, max_sim_s=300.0)
 
 
 # --- capacity -------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ server only reveals it when the batch finishes.
 
 One deliberate difference: a centralized session's next decode step is queued as soon as its step
 finishes, before the next batch is formed (vLLM's continuous batching). The service queues it when the
-decode coroutine resumes, which can be after the next batch was formed (see the report).
+decode coroutine resumes, after `_batch_loop` has already formed the next batch from whatever else was
+queued, so with other work waiting a decoding session can sit out a step there.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ class SimServer:
         env = self.env
         while True:
             now = env.now
-            free = self.free_bytes() + self._evictable_bytes()
+            free = INF if self.budget_bytes == INF else self.free_bytes() + self._evictable_bytes()
             batch = self.scheduler.form_batch(now, free, self.settings.max_batch_tokens)
             if not batch.jobs:
                 if self._queued and batch.wait_s == 0.0:

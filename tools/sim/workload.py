@@ -55,7 +55,7 @@ class Workload:
         return self.slo_mix[-1][0]
 
 
-QUICK = Workload(prompt=Lengths(128, 0.5, 16, 512), output=Lengths(64, 0.3, 24, 128), stagger_s=4.0)
+QUICK = Workload(prompt=Lengths(128, 0.5, 16, 512), output=Lengths(48, 0.3, 24, 96), stagger_s=4.0)
 
 
 @dataclass(frozen=True)
