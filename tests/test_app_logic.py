@@ -184,7 +184,10 @@ def test_unreachable_verifier_is_a_notice_and_the_answer_comes_when_it_returns(v
     assert saved[1].text.endswith("the answer went on when it was back.")  # no stale "retrying…" in the history
 
 
-def test_wrong_api_key_is_a_readable_error_and_the_right_one_works(live, expected, harness):
+def test_wrong_api_key_is_a_readable_error_and_the_right_one_works(live, expected, harness, monkeypatch):
+    # Wait for the drafter's prefill: on these two shared cores the verifier would otherwise decode much of
+    # this short answer alone meanwhile, leaving no drafts to tint.
+    monkeypatch.setenv("WISP_EDGE_DECODE_WHILE_PREFILLING", "false")
     h = harness(api_key="wrong")
     h.controller.send(QUESTION)
     h.pump(h.finished)

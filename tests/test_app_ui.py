@@ -38,7 +38,10 @@ def test_the_app_streams_the_edge_engines_answer_and_draws_it(live, tmp_path):
     AppSettings(server_url=live.url, api_key=API_KEY, max_tokens=MAX_TOKENS, temperature=0.0).save(data / SETTINGS_FILE)
     shot, transcript = tmp_path / "screenshot.png", tmp_path / "transcript.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WISP_", "KIVY_"))}
-    env.update(KIVY_NO_ARGS="1", KIVY_HOME=str(tmp_path / "kivy"), KIVY_NO_FILELOG="1")
+    env.update(KIVY_NO_ARGS="1", KIVY_HOME=str(tmp_path / "kivy"), KIVY_NO_FILELOG="1",
+               # wait for the drafter's prefill: on these two shared cores the verifier would otherwise decode
+               # much of this short answer alone meanwhile, leaving few drafts to tint
+               WISP_EDGE_DECODE_WHILE_PREFILLING="false")
     run = subprocess.run([sys.executable, "-m", "mobile_app", "--data-dir", str(data), "--send", QUESTION,
                           "--screenshot", str(shot), "--transcript", str(transcript), "--quit", "--timeout-s", "120"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

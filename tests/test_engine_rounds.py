@@ -7,11 +7,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tiny_models import TableDrafter, TorchDrafter, tiny_target
+from tiny_models import SlowPrefillDrafter, TableDrafter, TorchDrafter, tiny_target
 from wisp_cloud.generate import generate
 from wisp_cloud.inprocess import InProcessVerifier
 from wisp_cloud.model.transformer import RaggedBatch, commit
 from wisp_cloud.verifier import StalePositionError, Verifier
+import wisp_edge.engine as engine_module
 from wisp_edge.engine import FixedLength, SpeculativeEngine
 from wisp_edge.protocol import SessionStart, VerifyRequest
 from wisp_edge.sampling import SamplingParams, probs_from_logits
@@ -107,6 +108,34 @@ def test_sampled_engine_output_follows_the_target(params):
         seq = tuple(t.id for t in eng.generate(prompt, max_new_tokens=length, params=run_params))
         assert exact[seq] > 0
         counts[seq] += 1
+    cells = [c for c in exact if exact[c] * runs >= 5]
+    rest = [c for c in exact if 0 < exact[c] * runs < 5]
+    observed = [counts[c] for c in cells] + ([sum(counts[c] for c in rest)] if rest else [])
+    expected = [exact[c] * runs for c in cells] + ([sum(exact[c] for c in rest) * runs] if rest else [])
+    expected = np.array(expected) * sum(observed) / sum(expected)
+    assert chisquare(observed, expected).pvalue > 1e-4
+
+
+def test_cloud_rounds_while_the_drafter_prefills_keep_the_target_distribution(monkeypatch):
+    """While a slow drafter prefills, the verifier decodes alone (empty drafts); then the drafter catches up
+    on those tokens and drafts. Sampled answers still follow the target's exact distribution."""
+    monkeypatch.setattr(engine_module, "SHORT_PREFILL_S", 0.0)
+    vocab, prompt, length, runs = 4, [1, 2], 4, 800
+    params = SamplingParams(1.0, seed=0)
+    model = tiny_target(vocab=vocab, seed=11, scale=2.0)
+    exact = exact_target_distribution(model, prompt, length, params)
+    drafter = SlowPrefillDrafter(vocab, seed=5)
+    eng = engine(model, drafter, k=3)
+    counts = dict.fromkeys(exact, 0)
+    cloud = drafted = 0
+    for run in range(runs):
+        drafter.prefill_s = (run % 3) * 0.0015  # none, about one cloud round, several
+        seq = tuple(t.id for t in eng.generate(prompt, max_new_tokens=length, params=SamplingParams(1.0, seed=run)))
+        assert exact[seq] > 0
+        counts[seq] += 1
+        cloud += eng.stats.cloud_rounds
+        drafted += sum(r.drafted for r in eng.stats.rounds)
+    assert cloud > 0 and drafted > 0, "both paths ran"
     cells = [c for c in exact if exact[c] * runs >= 5]
     rest = [c for c in exact if 0 < exact[c] * runs < 5]
     observed = [counts[c] for c in cells] + ([sum(counts[c] for c in rest)] if rest else [])

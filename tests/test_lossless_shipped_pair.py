@@ -56,3 +56,22 @@ def test_eos_ends_the_answer(q4_pair):
 @pytest.mark.parametrize("max_new", [1, 2, 3, 9])
 def test_budget_edges(q4_pair, max_new):
     check_pair(q4_pair, 8, PROMPTS[1:3], max_new=max_new)
+
+
+LONG_PROMPT = ("Summarise the following notes in one sentence. " + "The verifier runs on a GPU in the cloud; the "
+               "drafter runs on the phone and proposes a few tokens at a time, and the verifier checks them. " * 12)
+
+
+def test_verifier_decodes_while_the_drafter_prefills_a_long_prompt(q4_pair):
+    """A long prompt takes the Q4_1 drafter long enough to prefill that the verifier decodes the first tokens
+    alone; the answer is still the target's greedy one, and the same as when the engine waits."""
+    ids = q4_pair.chat_prompt_ids(LONG_PROMPT)
+    assert len(ids) > 300
+    want = reference(q4_pair.model, tuple(ids), 64)
+    overlapped = q4_pair.engine(FixedLength(4))
+    assert [t.id for t in overlapped.generate(ids, max_new_tokens=64)] == want
+    assert overlapped.stats.cloud_rounds > 0 and overlapped.stats.drafter_prefill_ms > 0
+    assert any(r.drafted for r in overlapped.stats.rounds), "the drafter caught up and drafted"
+    waiting = q4_pair.engine(FixedLength(4), decode_while_prefilling=False)
+    assert [t.id for t in waiting.generate(ids, max_new_tokens=64)] == want
+    assert waiting.stats.cloud_rounds == 0

@@ -95,7 +95,9 @@ def test_the_policies_are_the_production_classes():
     assert all(type(p) is FixedLength and p.k == 6 for p in fixed.policies)
     for r in fixed.records:  # a fixed policy drafts 6 a round, unless the answer's budget is shorter
         assert all(d == min(6, r.output_tokens - 1) or d < 6 for d, _ in r.round_log)
-        assert all(d == 6 for d, _ in r.round_log[:-2])
+        assert all(d == 0 for d, _ in r.round_log[:r.cloud_rounds])  # the verifier decoded while it prefilled
+        assert all(d == 6 for d, _ in r.round_log[r.cloud_rounds:-2])
+    assert any(r.cloud_rounds for r in fixed.records)
     central = simulate(replace(SMALL, system="centralized"))
     assert type(central.server.scheduler) is FcfsScheduler and central.server.scheduler.max_wait_s == 0.0
 

@@ -7,6 +7,8 @@ for itself (the round pattern is then known exactly).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -62,6 +64,26 @@ class TableDrafter:
 
     def detokenize(self, ids):
         return " ".join(map(str, ids))
+
+
+class SlowPrefillDrafter(TableDrafter):
+    """A bigram drafter that takes `prefill_s` to evaluate a freshly reset sequence, as a small board
+    takes seconds to prefill a long prompt (the engine then lets the verifier decode meanwhile)."""
+
+    def __init__(self, vocab: int, seed: int = 1, prefill_s: float = 0.05) -> None:
+        super().__init__(vocab, seed)
+        self.prefill_s = prefill_s
+        self._fresh = False
+
+    def reset(self, tokens):
+        super().reset(tokens)
+        self._fresh = True
+
+    def logits(self):
+        if self._fresh:
+            time.sleep(self.prefill_s)
+            self._fresh = False
+        return super().logits()
 
 
 class TorchDrafter(TableDrafter):

@@ -63,8 +63,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--truth", choices=["profile", "roofline"], help="forward-time model (A100 profile only)")
     p.add_argument("--kv-budget-gb", type=float, help="override the KV budget (inf: unbounded)")
     p.add_argument("--fleet", help="override the setup's device fleet (tools/sim/devices.py FLEETS)")
-    p.add_argument("--drafter-prefill", choices=["sequential", "overlapped", "free"],
-                   help="when the device prefills its drafter (our engine: sequential)")
+    p.add_argument("--drafter-prefill", choices=["cloud", "sequential", "overlapped", "free"],
+                   help="how the device prefills its drafter: cloud (our engine: the verifier decodes meanwhile), "
+                        "sequential (the device waits), what-ifs overlapped (with the server's prefill) and free")
     p.add_argument("--c3", type=float, help="what-if server: the per-cached-token cost, ms (the profile's otherwise)")
     p.add_argument("--seeds", type=int, default=1, help="capacity: median over this many seeds")
     p.add_argument("--measure-requests", type=int, help="requests measured per device (setup's default otherwise)")
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         write_csv(out / "capacity_runs.csv", rows)
         write_json(out / "capacity.json", cap)
         if not a.no_plots:
-            plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup})", paper=a.setup == "paper")
+            plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup})", paper=a.setup.startswith("paper"))
         done("capacity")
     if "goodput" in wanted:
         devices = a.goodput_devices or ex.GOODPUT_DEVICES[a.setup]

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from wisp_edge.drafters.base import Drafter
+from wisp_edge.prefill import BackgroundPrefill
 from wisp_edge.protocol import SessionStart, SessionStarted, VerifierUnavailable, VerifyRequest, VerifyResult
 from wisp_edge.sampling import SamplingParams, probs_from_logits, sample, to_sparse
 
@@ -90,12 +91,16 @@ class GenerationStats:
     wall_s: float = 0.0
     new_tokens: int = 0
     unverified: int = 0  # drafter-only tokens (allow_local, verifier unreachable)
+    drafter_prefill_ms: float = 0.0  # the drafter's prompt prefill (in the background while cloud_rounds ran)
+    cloud_rounds: int = 0  # rounds with no draft: the verifier decoded while the drafter prefilled
     faults: dict[str, int] = field(default_factory=dict)  # what the backend survived (retries, resumes, ...)
 
     @property
     def mean_accepted(self) -> float:
-        """Tokens committed per verify round: accepted drafts + the target's own token."""
-        return (sum(r.accepted for r in self.rounds) / len(self.rounds) + 1.0) if self.rounds else 0.0
+        """Tokens committed per speculative round (accepted drafts + the target's own token); rounds that
+        drafted nothing (cloud rounds during the drafter's prefill, a last single token) are left out."""
+        spec = [r for r in self.rounds if r.drafted]
+        return (sum(r.accepted for r in spec) / len(spec) + 1.0) if spec else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -113,14 +118,21 @@ class GenerationStats:
             "verify_ms": round(sum(r.verify_ms for r in self.rounds), 1), "prefill_ms": round(self.prefill_ms, 1),
             "rtt_ms": round(sum(r.rtt_ms for r in self.rounds), 1), "queue_ms": round(sum(r.queue_ms for r in self.rounds), 1),
             "unverified_tokens": self.unverified, "faults": dict(self.faults),
+            "drafter_prefill_ms": round(self.drafter_prefill_ms, 1), "cloud_rounds": self.cloud_rounds,
         }
+
+
+# A prefill done within this long is waited for: a cloud round (a full round trip for one token) would cost
+# more than it saves. Longer ones (long prompts, slow boards) run while the verifier decodes.
+SHORT_PREFILL_S = 0.02
 
 
 class SpeculativeEngine:
     def __init__(self, drafter: Drafter, backend: VerifierBackend, policy: DraftPolicy | None = None, *,
                  eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None, allow_local: bool = False,
-                 slo_tokens_per_s: float | None = None) -> None:
+                 slo_tokens_per_s: float | None = None, decode_while_prefilling: bool = True) -> None:
         self.drafter, self.backend = drafter, backend
+        self.decode_while_prefilling = decode_while_prefilling
         self.allow_local = allow_local
         self.slo_tokens_per_s = slo_tokens_per_s
         self.policy = policy or FixedLength(4)
@@ -156,17 +168,29 @@ class SpeculativeEngine:
         committed = [*prompt_ids, started.first_token]
         stats.new_tokens = 1
         yield CommittedToken(started.first_token, False, 0)
+        prefill: BackgroundPrefill | None = None
         try:
             if started.first_token in self.eos_ids:
                 return
             self.drafter.reset(committed)
+            prefill = BackgroundPrefill(self.drafter)
+            if not self.decode_while_prefilling or prefill.wait(SHORT_PREFILL_S):
+                self._catch_up(prefill, committed)
+                prefill = None
             round_no = 0
             last_rtt_ms: float | None = None
             while stats.new_tokens < max_new_tokens:
                 round_no += 1
-                # At most remaining-1 drafts, so accepted + the target's token never overshoot the budget.
-                budget = min(self.policy.max_draft(), max_new_tokens - stats.new_tokens - 1)
-                drafts, qs, draft_times = self._draft(budget, params, rng)
+                if prefill is not None and not prefill.running():
+                    self._catch_up(prefill, committed)
+                    prefill = None
+                if prefill is None:
+                    # At most remaining-1 drafts, so accepted + the target's token never overshoot the budget.
+                    budget = min(self.policy.max_draft(), max_new_tokens - stats.new_tokens - 1)
+                    drafts, qs, draft_times = self._draft(budget, params, rng)
+                else:  # the drafter is still prefilling: the verifier decodes this token alone
+                    drafts, qs, draft_times = [], [], []
+                    stats.cloud_rounds += 1
                 t0 = time.perf_counter()
                 try:
                     result = self.backend.verify(VerifyRequest(
@@ -175,6 +199,9 @@ class SpeculativeEngine:
                 except VerifierUnavailable:
                     if not self.allow_local:
                         raise
+                    if prefill is not None:
+                        self._catch_up(prefill, committed)
+                        prefill = None
                     self.drafter.truncate(len(committed))
                     yield from self._local_only(committed, max_new_tokens, params, rng, start, resumed=True)
                     return
@@ -186,8 +213,9 @@ class SpeculativeEngine:
                 stats.rounds.append(RoundStats(len(drafts), accepted, sum(draft_times), wasted, rtt_ms,
                                                result.verify_ms, result.queue_ms))
                 new = [*drafts[:accepted], result.token]
-                self.drafter.truncate(len(committed) + accepted)
-                self.drafter.append(result.token)
+                if prefill is None:
+                    self.drafter.truncate(len(committed) + accepted)
+                    self.drafter.append(result.token)
                 committed.extend(new)
                 for i, token in enumerate(new):
                     stats.new_tokens += 1
@@ -195,6 +223,9 @@ class SpeculativeEngine:
                     if token in self.eos_ids:
                         return
         finally:
+            if prefill is not None:  # the answer ended first: the drafter is free only once its thread is done
+                prefill.wait()
+                stats.drafter_prefill_ms = prefill.elapsed_ms
             stats.wall_s = time.perf_counter() - start
             if session_id is not None:
                 try:
@@ -202,6 +233,12 @@ class SpeculativeEngine:
                 except VerifierUnavailable:
                     pass
             stats.faults = {k: v - faults_before.get(k, 0) for k, v in _faults_of(self.backend).items()}
+
+    def _catch_up(self, prefill: BackgroundPrefill, committed: list[int]) -> None:
+        """Finish the prefill, then hand the drafter the tokens the verifier decoded meanwhile."""
+        self.stats.drafter_prefill_ms = prefill.join()
+        for token in committed[len(self.drafter.tokens):]:
+            self.drafter.append(token)
 
     def _local_only(self, committed: list[int], max_new_tokens: int, params: SamplingParams,
                     rng: np.random.Generator, start: float, resumed: bool = False) -> Iterator[CommittedToken]:

@@ -37,6 +37,8 @@ class EdgeSettings(BaseSettings):
     draft_length: int = Field(6, ge=1, description="k for --policy fixed")
     k_max: int = Field(16, ge=1, description="the longest draft the controller may choose")
     slo_tokens_per_s: float | None = Field(None, gt=0, description="the rate to ask the verifier for")
+    decode_while_prefilling: bool = Field(True, description="let the verifier decode (empty drafts) while the "
+                                                            "drafter prefills a long prompt, instead of waiting")
     allow_local: bool = Field(False, description="when the verifier is unreachable, continue with drafter-only "
                                                  "tokens, marked unverified")
     max_wait_s: float = Field(60.0, gt=0, description="how long to retry an unreachable or busy verifier")

@@ -3,6 +3,7 @@
 Speculative request (`speculative`): open a session (429/503: wait Retry-After, up to 60 s as the client
 does), receive the first token, prefill the drafter on the device, then rounds until the answer is done:
   budget = min(policy.max_draft(), remaining - 1)              (SpeculativeEngine.generate)
+  while the drafter prefills (longer than SHORT_PREFILL_S), empty rounds: the server decodes one token each
   draft token by token; after each, policy.stop_after_stats(index, stats of that token's distribution)
   send the block; the server verifies it in some batch; the reply comes back over the network
   rtt = the whole verify call; the network's share = rtt - queue - verify is reported next round
@@ -28,6 +29,7 @@ from tools.sim.acceptance import RequestPath
 from tools.sim.devices import DeviceProfile
 from tools.sim.metrics import RequestRecord
 from tools.sim.server import Refused, SimServer
+from wisp_edge.engine import SHORT_PREFILL_S
 from wisp_edge.protocol import VerifyResult
 
 CLIENT_MAX_WAIT_S = 60.0  # HttpVerifier.max_wait_s
@@ -93,7 +95,7 @@ def _open(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRe
 
 
 def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, path: RequestPath,
-                policy, charge_predictor: bool, drafter_prefill: str = "sequential"):
+                policy, charge_predictor: bool, drafter_prefill: str = "cloud"):
     t_open = env.now
     session = yield from _open(env, server, dev, rec, rec.prompt_tokens, rec.slo, mode="speculative", resume=False)
     if session is None:
@@ -102,18 +104,10 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     rec.t_first = rec.t_last = env.now
     rec.tokens = 1
     rec.token_log.append((env.now, 1))
-    # The engine prefills the drafter (prompt + first token) after the session opens, before its first round.
-    # What-ifs: "overlapped" prefills the prompt while the server does; "free" costs nothing.
-    prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
-    if drafter_prefill == "overlapped":
-        prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
-    elif drafter_prefill == "free":
-        prefill_s = 0.0
-    yield env.timeout(prefill_s)
-    cursor, last_rtt_ms = 0, None
-    while rec.tokens < rec.output_tokens:
-        budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
-        block = draft_block(policy, path, cursor, budget, dev.profile, charge_predictor, dev.rng)
+    state = {"session": session, "cursor": 0, "last_rtt_ms": None}
+
+    def round_trip(block: Block):
+        """Send one block (drafting time first), resume the session if it was evicted, commit the reply."""
         drafting_s = sum(block.times_ms) / 1000.0
         t0 = env.now + drafting_s
         while True:  # drafting and the uplink in one timeout: fewer events, same times
@@ -121,30 +115,57 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
                                                               True, dev.rng))
             drafting_s = 0.0
             try:
-                reply = yield server.verify(session, block.drafted, block.accepted, last_rtt_ms)
+                reply = yield server.verify(state["session"], block.drafted, block.accepted, state["last_rtt_ms"])
             except Refused:
                 reply = {"error": 410}
             yield env.timeout(dev.link.one_way_s(net.VERIFY_DOWN, False, dev.rng))
             if "error" not in reply:
                 break
             rec.resumes += 1  # evicted or preempted: reopen with the committed tokens, resend the round
-            session = yield from _open(env, server, dev, rec, rec.prompt_tokens + rec.tokens, rec.slo,
-                                       mode="speculative", resume=True)
-            if session is None:
+            state["session"] = yield from _open(env, server, dev, rec, rec.prompt_tokens + rec.tokens, rec.slo,
+                                                mode="speculative", resume=True)
+            if state["session"] is None:
                 rec.failed = True
-                return
+                return False
         rtt_ms = (env.now - t0) * 1000.0
-        last_rtt_ms = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
+        state["last_rtt_ms"] = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
         accepted = reply["accepted"]
         result = VerifyResult(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
                               reply["batch_size"], reply["suggested_max_draft"])
         policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
         rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms)
-        cursor += accepted + 1
+        state["cursor"] += accepted + 1
         rec.tokens += accepted + 1
         rec.t_last = env.now
         rec.token_log.append((env.now, accepted + 1))
-    server.close(session)
+        return True
+
+    # The engine prefills the drafter (prompt + first token) after the session opens. "cloud" (the engine's
+    # default, decode_while_prefilling): a prefill longer than SHORT_PREFILL_S runs while the verifier decodes
+    # (empty drafts), then the drafter catches up on those tokens. "sequential": the device waits for it.
+    # What-ifs: "overlapped" prefills the prompt while the server does; "free" costs nothing.
+    prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
+    if drafter_prefill == "cloud" and prefill_s > SHORT_PREFILL_S:
+        prefill_end, decoded = env.now + prefill_s, 0
+        while env.now < prefill_end and rec.tokens < rec.output_tokens:
+            before = rec.tokens
+            if not (yield from round_trip(Block(0, 0))):
+                return
+            decoded += rec.tokens - before
+            rec.cloud_rounds += 1
+        prefill_s = max(0.0, prefill_end - env.now) + decoded / dev.profile.prefill_tok_s
+    elif drafter_prefill == "overlapped":
+        prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
+    elif drafter_prefill == "free":
+        prefill_s = 0.0
+    if rec.tokens < rec.output_tokens:
+        yield env.timeout(prefill_s)
+    while rec.tokens < rec.output_tokens:
+        budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
+        block = draft_block(policy, path, state["cursor"], budget, dev.profile, charge_predictor, dev.rng)
+        if not (yield from round_trip(block)):
+            return
+    server.close(state["session"])
 
 
 def centralized(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord):

@@ -39,6 +39,7 @@ class RequestRecord:
     verify_ms: float = 0.0
     network_ms: float = 0.0
     refused: int = 0
+    cloud_rounds: int = 0  # empty rounds sent while the drafter prefilled
     resumes: int = 0
     failed: bool = False
     round_log: list = field(default_factory=list, repr=False)  # (drafted, accepted) per round, for the tests
@@ -106,14 +107,35 @@ def summarize(records: list[RequestRecord], window: tuple[float, float]) -> dict
     out["refusals"] = sum(r.refused for r in rs)
     out["resumes"] = sum(r.resumes for r in rs)
     rounds = sum(r.rounds for r in done)
+    spec_rounds = rounds - sum(r.cloud_rounds for r in done)  # rounds that drafted (cloud rounds drafted nothing)
     drafted = sum(r.drafted for r in done)
     tokens = sum(r.tokens for r in done)
+    out["cloud_rounds_per_request"] = sum(r.cloud_rounds for r in done) / len(done) if done else 0.0
     if drafted:
-        out["mean_accepted_length"] = 1 + sum(r.accepted for r in done) / rounds  # tokens committed per round
+        out["mean_accepted_length"] = 1 + sum(r.accepted for r in done) / spec_rounds  # tokens per drafted round
         out["acceptance_rate"] = sum(r.accepted for r in done) / drafted
-        out["drafted_per_round"] = drafted / rounds
+        out["drafted_per_round"] = drafted / spec_rounds
         out["rounds_per_token"] = rounds / tokens
         out["wasted_drafting_ms_per_token"] = sum(r.wasted_ms for r in done) / tokens
         out["queue_ms_per_round"] = sum(r.queue_ms for r in done) / rounds
         out["verify_ms_per_round"] = sum(r.verify_ms for r in done) / rounds
+    out["by_device"] = {kind: time_per_token([r for r in rs if r.kind == kind]) for kind in sorted({r.kind for r in rs})}
     return out
+
+
+def time_per_token(rs: list[RequestRecord]) -> dict:
+    """Where a device kind's time goes, in ms per output token after the first: drafting, network, queue and
+    verify summed over rounds; `other` is the rest of the span (the drafter's prefill, the catch-up)."""
+    done = [r for r in rs if r.done]
+    out = {"requests": len(rs), "attainment": sum(r.met for r in rs) / len(rs) if rs else 0.0}
+    tokens = sum(r.tokens - 1 for r in done)
+    if not tokens:
+        return out
+    span = 1000.0 * sum(r.t_last - r.t_first for r in done) / tokens
+    parts = {k: sum(getattr(r, f"{k}_ms") for r in done) / tokens for k in ("drafting", "network", "queue", "verify")}
+    failing = [r for r in rs if not r.met]
+    return {**out, "rate_p50": float(np.median([r.rate for r in done])), "ms_per_token": round(span, 1),
+            **{f"{k}_ms": round(v, 1) for k, v in parts.items()}, "other_ms": round(span - sum(parts.values()), 1),
+            "tokens_per_round": sum(r.tokens - 1 for r in done) / max(1, sum(r.rounds for r in done)),
+            "failing_prompt_mean": float(np.mean([r.prompt_tokens for r in failing])) if failing else None,
+            "prompt_mean": float(np.mean([r.prompt_tokens for r in rs]))}

@@ -53,7 +53,8 @@ class SimConfig:
     admission: bool = True
     online_refit: bool = True
     early_stop_below: float | None = None  # stop once attainment below this is certain (capacity searches)
-    drafter_prefill: str = "sequential"  # our engine; "overlapped" with the server's prefill; "free" (what-if)
+    drafter_prefill: str = "cloud"  # our engine: the verifier decodes meanwhile; "sequential": the device waits;
+    # what-ifs: "overlapped" with the server's prefill; "free"
     coefficients: tuple | None = None  # a what-if server: replaces the profile's (c0, c1, c2, c3); None keeps one
 
 
