@@ -95,6 +95,16 @@ def exact_target_distribution(model, prompt, length, params):
     return probs
 
 
+def fits(counts: dict, exact: dict, runs: int) -> bool:
+    """Chi-square of observed sequence counts against the exact distribution (rare cells pooled)."""
+    cells = [c for c in exact if exact[c] * runs >= 5]
+    rest = [c for c in exact if 0 < exact[c] * runs < 5]
+    observed = [counts[c] for c in cells] + ([sum(counts[c] for c in rest)] if rest else [])
+    expected = [exact[c] * runs for c in cells] + ([sum(exact[c] for c in rest) * runs] if rest else [])
+    expected = np.array(expected) * sum(observed) / sum(expected)
+    return chisquare(observed, expected).pvalue > 1e-4
+
+
 @pytest.mark.parametrize("params", [SamplingParams(1.0, seed=0), SamplingParams(0.8, top_k=3, top_p=0.9, seed=0)],
                          ids=["t1", "t0.8-k3-p0.9"])
 def test_sampled_engine_output_follows_the_target(params):
@@ -108,12 +118,7 @@ def test_sampled_engine_output_follows_the_target(params):
         seq = tuple(t.id for t in eng.generate(prompt, max_new_tokens=length, params=run_params))
         assert exact[seq] > 0
         counts[seq] += 1
-    cells = [c for c in exact if exact[c] * runs >= 5]
-    rest = [c for c in exact if 0 < exact[c] * runs < 5]
-    observed = [counts[c] for c in cells] + ([sum(counts[c] for c in rest)] if rest else [])
-    expected = [exact[c] * runs for c in cells] + ([sum(exact[c] for c in rest) * runs] if rest else [])
-    expected = np.array(expected) * sum(observed) / sum(expected)
-    assert chisquare(observed, expected).pvalue > 1e-4
+    assert fits(counts, exact, runs)
 
 
 def test_cloud_rounds_while_the_drafter_prefills_keep_the_target_distribution(monkeypatch):
@@ -136,9 +141,4 @@ def test_cloud_rounds_while_the_drafter_prefills_keep_the_target_distribution(mo
         cloud += eng.stats.cloud_rounds
         drafted += sum(r.drafted for r in eng.stats.rounds)
     assert cloud > 0 and drafted > 0, "both paths ran"
-    cells = [c for c in exact if exact[c] * runs >= 5]
-    rest = [c for c in exact if 0 < exact[c] * runs < 5]
-    observed = [counts[c] for c in cells] + ([sum(counts[c] for c in rest)] if rest else [])
-    expected = [exact[c] * runs for c in cells] + ([sum(exact[c] for c in rest) * runs] if rest else [])
-    expected = np.array(expected) * sum(observed) / sum(expected)
-    assert chisquare(observed, expected).pvalue > 1e-4
+    assert fits(counts, exact, runs)
