@@ -34,7 +34,9 @@ def test_an_evicted_session_resends_its_tokens_and_loses_none(tmp_path, profile_
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", "4",
                     "--kv-block-tokens", "16", "--log-level", "warning", log_path=tmp_path / "log") as server:
         prompt_a = q4_pair.chat_prompt_ids("What is the capital of France?")
-        prompt_b = q4_pair.chat_prompt_ids("Name a large animal that lives in the ocean.")
+        # long enough that both cannot fit, however little of A's cache its rounds so far have grown
+        prompt_b = q4_pair.chat_prompt_ids("Name a large animal that lives in the ocean, say where it lives, what "
+                                           "it eats, how big it grows and why it matters to the sea around it.")
         engine, backend = _engine(server.url, q4_pair)
         tokens = engine.generate(prompt_a, max_new_tokens=24)
         got = [next(tokens).id for _ in range(6)]
