@@ -198,3 +198,12 @@ def test_policies_import_without_torch():
 
     code = "import sys, wisp_cloud.estimator, wisp_cloud.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backlog_is_each_jobs_marginal_cost_plus_one_intercept_per_batch():
+    est = TimeEstimator((50.0, 2.0, 0.0, 0.1))
+    assert est.backlog_ms([], 100) == 0.0
+    jobs = [VerifyCost(60, 100), VerifyCost(60, 0)]  # 120 tokens: two batches of at most 100
+    raw = (2.0 * 60 + 0.1 * 100) + 2.0 * 60 + 2 * 50.0
+    assert est.backlog_ms(jobs, 100) == pytest.approx(est.with_margin(raw))
+    assert est.backlog_ms(jobs, 200) == pytest.approx(est.with_margin(raw - 50.0))

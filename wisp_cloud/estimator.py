@@ -188,6 +188,16 @@ class TimeEstimator:
     def with_margin(self, raw_ms: float) -> float:
         return self._margin.apply(raw_ms)
 
+    def backlog_ms(self, queued: Iterable[VerifyCost], max_batch_tokens: int) -> float:
+        """Predicted time to drain a queue (admission control): each request's marginal cost plus one
+        intercept per batch of at most `max_batch_tokens`, with the margin."""
+        costs = list(queued)
+        if not costs:
+            return 0.0
+        tokens = sum(c.new_tokens for c in costs)
+        batches = max(1, math.ceil(tokens / max_batch_tokens))
+        return self.with_margin(sum(self.request_cost_ms(c) for c in costs) + batches * self.c0)
+
     def predict_raw(self, batch: Iterable[VerifyCost]) -> float:
         """The fitted model alone; an empty batch costs nothing (there is no forward)."""
         costs = list(batch)

@@ -239,15 +239,7 @@ class VerifierService:
                                                f"{max(0, available)} free or reclaimable)", retry_after=retry)
 
     def _backlog_ms(self) -> float:
-        """Predicted time to drain the queue: each job's marginal cost plus one intercept per batch."""
-        if not self._queued:
-            return 0.0
-        tokens = raw = 0.0
-        for pending in self._queued.values():
-            tokens += pending.job.new_tokens
-            raw += self.estimator.request_cost_ms(pending.job.cost)
-        batches = max(1, math.ceil(tokens / self.settings.max_batch_tokens))
-        return self.estimator.with_margin(raw + batches * self.estimator.c0)
+        return self.estimator.backlog_ms((p.job.cost for p in self._queued.values()), self.settings.max_batch_tokens)
 
     def slo_attainment(self) -> tuple[float, int]:
         """Share of SLO jobs finished by their deadline in the last few seconds, and how many there were."""

@@ -104,10 +104,11 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     rec.t_first = rec.t_last = env.now
     rec.tokens = 1
     rec.token_log.append((env.now, 1))
-    state = {"session": session, "cursor": 0, "last_rtt_ms": None}
+    cursor, last_rtt_ms = 0, None
 
     def round_trip(block: Block):
         """Send one block (drafting time first), resume the session if it was evicted, commit the reply."""
+        nonlocal session, cursor, last_rtt_ms
         drafting_s = sum(block.times_ms) / 1000.0
         t0 = env.now + drafting_s
         while True:  # drafting and the uplink in one timeout: fewer events, same times
@@ -115,26 +116,26 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
                                                               True, dev.rng))
             drafting_s = 0.0
             try:
-                reply = yield server.verify(state["session"], block.drafted, block.accepted, state["last_rtt_ms"])
+                reply = yield server.verify(session, block.drafted, block.accepted, last_rtt_ms)
             except Refused:
                 reply = {"error": 410}
             yield env.timeout(dev.link.one_way_s(net.VERIFY_DOWN, False, dev.rng))
             if "error" not in reply:
                 break
             rec.resumes += 1  # evicted or preempted: reopen with the committed tokens, resend the round
-            state["session"] = yield from _open(env, server, dev, rec, rec.prompt_tokens + rec.tokens, rec.slo,
-                                                mode="speculative", resume=True)
-            if state["session"] is None:
+            session = yield from _open(env, server, dev, rec, rec.prompt_tokens + rec.tokens, rec.slo,
+                                       mode="speculative", resume=True)
+            if session is None:
                 rec.failed = True
                 return False
         rtt_ms = (env.now - t0) * 1000.0
-        state["last_rtt_ms"] = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
+        last_rtt_ms = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
         accepted = reply["accepted"]
         result = VerifyResult(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
                               reply["batch_size"], reply["suggested_max_draft"])
         policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
         rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms)
-        state["cursor"] += accepted + 1
+        cursor += accepted + 1
         rec.tokens += accepted + 1
         rec.t_last = env.now
         rec.token_log.append((env.now, accepted + 1))
@@ -162,10 +163,10 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
         yield env.timeout(prefill_s)
     while rec.tokens < rec.output_tokens:
         budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
-        block = draft_block(policy, path, state["cursor"], budget, dev.profile, charge_predictor, dev.rng)
+        block = draft_block(policy, path, cursor, budget, dev.profile, charge_predictor, dev.rng)
         if not (yield from round_trip(block)):
             return
-    server.close(state["session"])
+    server.close(session)
 
 
 def centralized(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord):

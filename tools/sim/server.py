@@ -207,14 +207,7 @@ class SimServer:
         return False
 
     def _backlog_ms(self) -> float:
-        if not self._queued:
-            return 0.0
-        tokens = raw = 0.0
-        for p in self._queued.values():
-            tokens += p.job.new_tokens
-            raw += self.estimator.request_cost_ms(p.job.cost)
-        batches = max(1, math.ceil(tokens / self.settings.max_batch_tokens))
-        return self.estimator.with_margin(raw + batches * self.estimator.c0)
+        return self.estimator.backlog_ms((p.job.cost for p in self._queued.values()), self.settings.max_batch_tokens)
 
     def slo_attainment(self) -> tuple[float, int]:
         horizon = self.env.now - ATTAINMENT_WINDOW_S
