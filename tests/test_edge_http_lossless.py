@@ -36,7 +36,10 @@ def prompt_ids():
 
 
 def _agent(server: str, drafter: str, **settings) -> EdgeAgent:
-    agent = EdgeAgent(EdgeSettings(server=server, drafter=drafter, max_wait_s=30, **settings))
+    """The drafter prefills before the first round, so even the first tokens go through drafting and
+    rejection sampling however slow the machine is (with the overlap, they could all be cloud rounds)."""
+    agent = EdgeAgent(EdgeSettings(server=server, drafter=drafter, max_wait_s=30, decode_while_prefilling=False,
+                                   **settings))
     agent.connect()
     return agent
 

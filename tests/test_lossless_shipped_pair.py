@@ -67,12 +67,17 @@ def test_verifier_decodes_while_the_drafter_prefills_a_long_prompt(q4_pair):
     alone; the answer is still the target's greedy one, and the same as when the engine waits."""
     import torch
 
-    torch.set_num_threads(1)  # one core for the verifier, one for the drafter's prefill, as on a real device
     ids = q4_pair.chat_prompt_ids(LONG_PROMPT)
     assert len(ids) > 200
     want = reference(q4_pair.model, tuple(ids), 64)
     overlapped = q4_pair.engine(FixedLength(4))
-    assert [t.id for t in overlapped.generate(ids, max_new_tokens=64)] == want
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core for the verifier, one for the drafter's prefill, as on a real device
+    try:
+        got = [t.id for t in overlapped.generate(ids, max_new_tokens=64)]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want
     assert overlapped.stats.cloud_rounds > 0 and overlapped.stats.drafter_prefill_ms > 0
     assert any(r.drafted for r in overlapped.stats.rounds), "the drafter caught up and drafted"
     waiting = q4_pair.engine(FixedLength(4), decode_while_prefilling=False)
