@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
 from mobile_app.state import AppSettings
 from wisp_edge.agent import EdgeAgent
 from wisp_edge.client import VerifierBusy, VerifierRequestError, VerifierUnreachable
 from wisp_edge.drafters import load_drafter
 from wisp_edge.drafters.base import Drafter
 from wisp_edge.engine import SpeculativeEngine
+from wisp_edge.health import is_healthy
 from wisp_edge.protocol import VerifierUnavailable
 from wisp_edge.text import IncrementalDecoder
 from wisp_edge.vocab import VocabMismatchError
@@ -95,10 +94,7 @@ class Reachability:
 
 def probe(url: str, timeout_s: float = 2.0) -> bool:
     """Whether the verifier at `url` answers /health with 200 (its batch loop runs)."""
-    try:
-        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return is_healthy(url, timeout_s)
 
 
 class _ObservedAgent(EdgeAgent):

@@ -16,10 +16,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+
+from wisp_edge.health import ServerExited, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "models" / "target"
@@ -65,17 +66,11 @@ class LiveServer:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()  # the child holds its own copy
-        deadline = time.monotonic() + timeout_s
-        verify = self._verify()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0, verify=verify).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        try:
+            if wait_healthy(self.url, timeout_s, proc=self.proc, interval_s=0.2, verify=self._verify()):
+                return self
+        except ServerExited as e:
+            raise RuntimeError(f"server exited with {e.returncode}:\n{self.log_tail()}") from None
         self.stop()
         raise RuntimeError(f"server not ready after {timeout_s} s:\n{self.log_tail()}")
 

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from tests.live_server import LiveServer, free_port
 from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from wisp_cloud.tokenizer import load_tokenizer
+from wisp_edge.health import wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,20 @@ def test_generate_json_continues_raw_text_exactly_as_the_target(verifier, tokeni
     assert out["token_ids"] == [t for t in want if t != 2]
     assert out["text"] == tokenizer.decode(out["token_ids"])
     assert out["stats"]["rounds"] >= 1 and out["stats"]["new_tokens"] == len(want)
+
+
+def test_generate_reports_the_stats_of_an_answer_that_ends_with_eos(verifier, q4_pair, target_model):
+    """A chat answer ends with EOS before the token budget: the statistics printed are that answer's, and the
+    session is closed cleanly (no generator left to be collected after the client is gone)."""
+    question = "What is the capital of France?"
+    run = _edge("generate", "--server", verifier.url, "--chat", question, "--max-tokens", "64", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    want = generate(target_model, q4_pair.chat_prompt_ids(question), max_new_tokens=64, eos_ids=(2,))
+    assert want[-1] == 2 and len(want) < 64  # the target ends this answer itself
+    assert out["token_ids"] == want[:-1]
+    assert out["stats"]["new_tokens"] == len(want) and out["stats"]["rounds"] >= 1
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr
 
 
 def test_generate_fails_readably_without_a_verifier():
@@ -91,18 +105,11 @@ def edge_api(verifier, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("edge") / "edge.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    env["WISP_EDGE_DECODE_WHILE_PREFILLING"] = "false"  # drafting from the first round, so the counters have drafts
     proc = subprocess.Popen([sys.executable, "-m", "wisp_edge.cli", "serve", "--server", verifier.url,
                              "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
+    if not wait_healthy(url, 120, proc=proc):
         proc.kill()
         pytest.fail("wisp-edge serve did not become healthy")
     yield url

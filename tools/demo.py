@@ -22,7 +22,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTION = "What is the capital of France? Answer in two sentences."
+sys.path.insert(0, str(ROOT))
+from wisp_edge.health import ServerExited, wait_healthy  # after the path: runs as a script from a checkout
+
+QUESTION = "Explain in three sentences how a rainbow forms."
 
 
 def free_port() -> int:
@@ -32,17 +35,12 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the verifier exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"the verifier was not ready after {timeout_s:.0f} s")
+    try:
+        ready = wait_healthy(url, timeout_s, proc=proc)
+    except ServerExited as e:
+        raise SystemExit(f"the verifier exited with code {e.returncode}") from None
+    if not ready:
+        raise SystemExit(f"the verifier was not ready after {timeout_s:.0f} s")
 
 
 def main(argv: list[str]) -> int:
@@ -66,10 +64,14 @@ def main(argv: list[str]) -> int:
         speculative = edge_result["text"]
         if not any(a.startswith("--temperature") for a in argv):  # greedy: the answers must be identical
             t0 = time.perf_counter()
-            alone = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
                 "model": "default", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
-                "max_tokens": edge_result["stats"]["new_tokens"]}).json()
+                "max_tokens": max(1, edge_result["stats"]["new_tokens"])})
             elapsed = time.perf_counter() - t0
+            if reply.status_code != 200:
+                print(f"the verifier refused centralized decoding ({reply.status_code}): {reply.text}", file=sys.stderr)
+                return 1
+            alone = reply.json()
             text = alone["choices"][0]["message"]["content"]
             tokens = alone["usage"]["completion_tokens"]
             print("== the same server decoding alone (centralized mode, /v1/chat/completions):")

@@ -46,8 +46,16 @@ class EdgeMetrics:
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.resumes = Counter("wisp_edge_session_resumes", "Sessions reopened after an eviction or restart",
                                registry=r)
+        self.faults = Counter("wisp_edge_faults", "Faults the client rode out without losing a token: retries "
+                              "(network), replayed_rounds (a cut reply answered from the server's record), "
+                              "busy_waits (429/503 waited out), resumes", ["kind"], registry=r)
+        self.cloud_rounds = Counter("wisp_edge_cloud_rounds", "Rounds the verifier decoded alone (empty draft) "
+                                    "while the drafter prefilled the prompt", registry=r)
+        self.drafter_prefill = Histogram("wisp_edge_drafter_prefill_seconds", "The drafter's prompt prefill",
+                                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
 
-    def record(self, stats: GenerationStats, resumes: int) -> None:
+    def record(self, stats: GenerationStats) -> None:
+        """Count one finished (or cancelled) generation."""
         for r in stats.rounds:
             self.drafts.inc()
             self.draft_tokens.inc(r.drafted)
@@ -56,8 +64,13 @@ class EdgeMetrics:
                 self.accepted_per_position.labels(str(position)).inc()
             self.wasted_drafting.inc(r.wasted_drafting_ms / 1000)
             self.round_seconds.observe(r.rtt_ms / 1000)
-        if resumes:
-            self.resumes.inc(resumes)
+        for kind, n in stats.faults.items():
+            if n:
+                self.faults.labels(kind).inc(n)
+        self.resumes.inc(stats.faults.get("resumes", 0))
+        self.cloud_rounds.inc(stats.cloud_rounds)
+        if stats.drafter_prefill_ms:
+            self.drafter_prefill.observe(stats.drafter_prefill_ms / 1000)
 
 
 class EdgeAgent:
@@ -132,7 +145,6 @@ class EdgeAgent:
         """Committed tokens one by one (EOS included); generations on one drafter take turns."""
         with self._lock:
             engine = self.engine()
-            resumes_before = self.backend.resumes
             tokens = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, params=params)
             try:
                 for token in tokens:
@@ -145,7 +157,7 @@ class EdgeAgent:
             finally:
                 tokens.close()
                 self.last_stats = engine.stats
-                self.metrics.record(engine.stats, self.backend.resumes - resumes_before)
+                self.metrics.record(engine.stats)
 
     async def agenerate(self, prompt_ids: list[int], *, max_new_tokens: int,
                         params: SamplingParams = SamplingParams()) -> AsyncIterator[int]:

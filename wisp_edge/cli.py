@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +85,22 @@ def _agent(args):
 
 
 def _stream_text(agent, tokens, *, show: bool):
-    """Print committed text as it comes (holding back a character split across tokens); returns the ids."""
+    """Print committed text as it comes (holding back a character split across tokens); returns the ids.
+
+    The generator is closed here, not left suspended at the EOS: closing it ends the session on the
+    verifier and fills `agent.last_stats` before the caller reads them.
+    """
     ids, shown = [], ""
-    for token in tokens:
-        if token.id in agent.eos_ids:
-            break
-        ids.append(token.id)
-        if show:
-            text_now = agent.detokenize(ids)
-            if not text_now.endswith("\ufffd"):
-                print(text_now[len(shown):], end="", flush=True)
-                shown = text_now
+    with closing(tokens):
+        for token in tokens:
+            if token.id in agent.eos_ids:
+                break
+            ids.append(token.id)
+            if show:
+                text_now = agent.detokenize(ids)
+                if not text_now.endswith("\ufffd"):
+                    print(text_now[len(shown):], end="", flush=True)
+                    shown = text_now
     if show:
         print(agent.detokenize(ids)[len(shown):], flush=True)
     return ids
