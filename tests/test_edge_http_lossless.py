@@ -55,6 +55,24 @@ def test_greedy_over_http_equals_the_target(verifier, target_model, prompt_ids, 
     assert got == generate(target_model, prompt_ids, max_new_tokens=32, eos_ids=agent.eos_ids)
 
 
+def test_greedy_over_a_slow_network_with_drafting_ahead_equals_the_target(verifier, target_model):  # noqa: F811
+    """Over a 40 ms round trip the Q4_1 drafter drafts the next block while each one is verified; the blocks
+    kept (its guess of the verifier's token was right) and those rolled back still give the target's tokens."""
+    from wisp_edge.bench import delayed_backend
+
+    settings = EdgeSettings(server=verifier.url, drafter="q4", max_wait_s=30, decode_while_prefilling=False,
+                            policy="fixed", draft_length=4)
+    agent = EdgeAgent(settings, backend=delayed_backend(settings, 40.0))
+    try:
+        prompt = agent.chat_ids([{"role": "user", "content": "Describe the water cycle in a few sentences."}])
+        got = [t.id for t in agent.generate(prompt, max_new_tokens=48)]
+        stats = agent.last_stats
+    finally:
+        agent.close()
+    assert got == generate(target_model, prompt, max_new_tokens=48, eos_ids=agent.eos_ids)
+    assert stats.ahead_ready > 0, "blocks drafted during verification were sent"
+
+
 def _exact_distribution(model, prompt: list[int], length: int, params: SamplingParams) -> dict[tuple, float]:
     """P(first `length` new tokens) of the target alone, by enumerating the sampling support."""
     out: dict[tuple, float] = {}

@@ -53,6 +53,20 @@ def test_tokens_are_conserved(system):
     assert not run.truncated and run.summary["requests"] == SMALL.devices * SMALL.measure_requests
 
 
+def test_drafting_ahead_conserves_tokens_and_hides_drafting_time():
+    """The engine's draft_ahead in simulated time: with acceptance 0.9 most guesses are right, so part of each
+    block was drafted during the previous round trip and the device spends less drafting time per token."""
+    base = replace(SMALL, system="wisp", acceptance="param:0.9")
+    plain, ahead = simulate(base), simulate(replace(base, draft_ahead=True))
+    _conserved(ahead)
+
+    def drafting_per_token(run):
+        done = [r for r in run.records if r.done]
+        return sum(r.drafting_ms for r in done) / sum(r.tokens for r in done)
+
+    assert drafting_per_token(ahead) < 0.8 * drafting_per_token(plain)
+
+
 def test_tokens_are_conserved_through_evictions_and_resumes():
     """A KV pool of ~650 tokens for 6 sessions of up to ~190 each: sessions are evicted (or preempted) and resumed;
     no token is lost or doubled."""

@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the verifier")
+    parser.add_argument("--compare-draft-ahead", choices=("on", "off", "both"), default="on",
+                        help="drafting during verification: on (default), off, or both side by side")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     reports = []
@@ -46,7 +48,8 @@ def main() -> int:
             try:
                 reports.append(bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")],
                                      policies=args.policies.split(","), prompts=args.prompts, tokens=args.tokens,
-                                     fixed_k=args.fixed_k, out=lambda line: print(line, flush=True)))
+                                     fixed_k=args.fixed_k, draft_ahead=args.compare_draft_ahead,
+                                     out=lambda line: print(line, flush=True)))
             finally:
                 agent.close()
     if args.json_out:

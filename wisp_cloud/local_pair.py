@@ -48,11 +48,12 @@ class LocalPair:
     def eos_ids(self) -> tuple[int, ...]:
         return tuple(self.model.args.eos_token_ids)
 
-    def engine(self, policy: DraftPolicy | None = None, *, decode_while_prefilling: bool = True) -> SpeculativeEngine:
+    def engine(self, policy: DraftPolicy | None = None, *, decode_while_prefilling: bool = True,
+               draft_ahead: bool = True) -> SpeculativeEngine:
         backend = InProcessVerifier(Verifier(self.model), vocab_fingerprint=self.vocab_fingerprint)
         return SpeculativeEngine(self.drafter, backend, policy, eos_ids=self.eos_ids,
                                  vocab_fingerprint=self.vocab_fingerprint,
-                                 decode_while_prefilling=decode_while_prefilling)
+                                 decode_while_prefilling=decode_while_prefilling, draft_ahead=draft_ahead)
 
     def chat_prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]

@@ -138,7 +138,8 @@ class EdgeAgent:
         return SpeculativeEngine(self.drafter, self.backend, self.policy, eos_ids=self.eos_ids,
                                  vocab_fingerprint=self._info()["vocab_fingerprint"],
                                  allow_local=self.settings.allow_local, slo_tokens_per_s=self.settings.slo_tokens_per_s,
-                                 decode_while_prefilling=self.settings.decode_while_prefilling)
+                                 decode_while_prefilling=self.settings.decode_while_prefilling,
+                                 draft_ahead=self.settings.draft_ahead)
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),
                  cancel: threading.Event | None = None) -> Iterator[CommittedToken]:

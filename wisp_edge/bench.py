@@ -117,7 +117,7 @@ def delayed_backend(settings, extra_rtt_ms: float) -> HttpVerifier:
 
 
 def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[int]], tokens: int,
-               *, k_max: int = 16, fixed_k: int = 4) -> PolicyResult:
+               *, k_max: int = 16, fixed_k: int = 4, draft_ahead: bool = True) -> PolicyResult:
     backend = delayed_backend(agent.settings, extra_rtt_ms)
     new = wasted_ms = rounds = 0
     wall = 0.0
@@ -127,7 +127,7 @@ def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[
     try:
         for prompt in prompts:
             engine = SpeculativeEngine(agent.drafter, backend, policy, eos_ids=agent.eos_ids,
-                                       vocab_fingerprint=agent.info["vocab_fingerprint"])
+                                       vocab_fingerprint=agent.info["vocab_fingerprint"], draft_ahead=draft_ahead)
             outputs.append([t.id for t in engine.generate(prompt, max_new_tokens=tokens)])
             s = engine.stats
             new += s.new_tokens
@@ -141,8 +141,13 @@ def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[
 
 
 def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: int = 3, tokens: int = 40,
-          fixed_k: int = 4, k_max: int = 16, out: Callable[[str], None] = print) -> dict:
-    """Every policy at every extra round trip on the same prompts; prints a table, returns the report."""
+          fixed_k: int = 4, k_max: int = 16, draft_ahead: str = "on", out: Callable[[str], None] = print) -> dict:
+    """Every policy at every extra round trip on the same prompts; prints a table, returns the report.
+
+    `draft_ahead`: "on" (the agent's default), "off", or "both": each policy runs without and then with
+    drafting during verification, listed as `name` and `name+ahead`, with the tok/s ratio of the two.
+    """
+    variants = {"on": [True], "off": [False], "both": [False, True]}[draft_ahead]
     info = agent.connect()
     prompt_ids = [agent.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:prompts]]
     with httpx.Client(base_url=agent.settings.server.rstrip("/"), timeout=agent.settings.timeout_s) as http:
@@ -157,20 +162,30 @@ def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: in
     for extra in extra_rtts_ms:
         reference = None
         for name in policies:
-            r = run_policy(agent, name, extra, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k)
-            reference = reference or r.outputs
-            same = r.outputs == reference
-            report["lossless"] &= same
-            report["results"].setdefault(str(int(extra)), {})[name] = {**r.row(), "same_output": same}
-            out(f"{extra:>7.0f} {name:>7} {r.tokens_per_s:>7.2f} {r.wasted_ms_per_token:>14.2f} "
-                f"{r.tokens_per_round:>10.2f} {r.controller_us_per_token:>18.1f}"
-                + ("" if same else "  OUTPUT DIFFERS (lossless broken)"))
+            without = None
+            for ahead in variants:
+                label = f"{name}+ahead" if ahead and len(variants) > 1 else name
+                r = run_policy(agent, name, extra, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k, draft_ahead=ahead)
+                reference = reference or r.outputs
+                same = r.outputs == reference
+                report["lossless"] &= same
+                row = {**r.row(), "same_output": same}
+                if ahead and without is not None:
+                    row["speedup_from_drafting_ahead"] = round(r.tokens_per_s / without.tokens_per_s, 3)
+                report["results"].setdefault(str(int(extra)), {})[label] = row
+                out(f"{extra:>7.0f} {label:>7} {r.tokens_per_s:>7.2f} {r.wasted_ms_per_token:>14.2f} "
+                    f"{r.tokens_per_round:>10.2f} {r.controller_us_per_token:>18.1f}"
+                    + (f"  x{row['speedup_from_drafting_ahead']:.2f} vs {name}" if "speedup_from_drafting_ahead" in row
+                       else "")
+                    + ("" if same else "  OUTPUT DIFFERS (lossless broken)"))
+                without = r
     return report
 
 
 def main(args, agent) -> int:
     report = bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")], policies=args.policies.split(","),
                    prompts=args.prompts, tokens=args.tokens, fixed_k=args.fixed_k, k_max=agent.settings.k_max,
+                   draft_ahead=args.compare_draft_ahead,
                    out=(lambda _line: None) if args.json else print)
     if args.json:
         print(json.dumps(report))

@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=3, help="chat questions to run (at most 6)")
     p.add_argument("--tokens", type=int, default=40, help="tokens per answer")
     p.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
+    p.add_argument("--compare-draft-ahead", choices=("on", "off", "both"), default="on",
+                   help="drafting during verification: on (default), off, or both side by side")
     _add_agent_arguments(p)
     p.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from wisp_edge.draft_ahead import AheadDrafter, DraftBlock
 from wisp_edge.drafters.base import Drafter
 from wisp_edge.prefill import BackgroundPrefill
 from wisp_edge.protocol import SessionStart, SessionStarted, VerifierUnavailable, VerifyRequest, VerifyResult
@@ -93,6 +94,8 @@ class GenerationStats:
     unverified: int = 0  # drafter-only tokens (allow_local, verifier unreachable)
     drafter_prefill_ms: float = 0.0  # the drafter's prompt prefill (in the background while cloud_rounds ran)
     cloud_rounds: int = 0  # rounds with no draft: the verifier decoded while the drafter prefilled
+    ahead_ready: int = 0  # rounds whose block was drafted while the previous one was being verified
+    ahead_wasted_ms: float = 0.0  # drafting ahead that was rolled back (it overlapped a round trip)
     faults: dict[str, int] = field(default_factory=dict)  # what the backend survived (retries, resumes, ...)
 
     @property
@@ -119,6 +122,7 @@ class GenerationStats:
             "rtt_ms": round(sum(r.rtt_ms for r in self.rounds), 1), "queue_ms": round(sum(r.queue_ms for r in self.rounds), 1),
             "unverified_tokens": self.unverified, "faults": dict(self.faults),
             "drafter_prefill_ms": round(self.drafter_prefill_ms, 1), "cloud_rounds": self.cloud_rounds,
+            "ahead_ready_rounds": self.ahead_ready, "ahead_wasted_ms": round(self.ahead_wasted_ms, 1),
         }
 
 
@@ -130,9 +134,11 @@ SHORT_PREFILL_S = 0.02
 class SpeculativeEngine:
     def __init__(self, drafter: Drafter, backend: VerifierBackend, policy: DraftPolicy | None = None, *,
                  eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None, allow_local: bool = False,
-                 slo_tokens_per_s: float | None = None, decode_while_prefilling: bool = True) -> None:
+                 slo_tokens_per_s: float | None = None, decode_while_prefilling: bool = True,
+                 draft_ahead: bool = True) -> None:
         self.drafter, self.backend = drafter, backend
         self.decode_while_prefilling = decode_while_prefilling
+        self.draft_ahead = draft_ahead
         self.allow_local = allow_local
         self.slo_tokens_per_s = slo_tokens_per_s
         self.policy = policy or FixedLength(4)
@@ -179,6 +185,9 @@ class SpeculativeEngine:
                 prefill = None
             round_no = 0
             last_rtt_ms: float | None = None
+            ready: DraftBlock | None = None  # drafted ahead during the last round, after its guessed token
+            ahead = AheadDrafter() if self.draft_ahead else None
+            last_call_ms = last_token_ms = None  # the last round trip and drafting speed: how much fits ahead
             while stats.new_tokens < max_new_tokens:
                 round_no += 1
                 if prefill is not None and not prefill.running():
@@ -187,15 +196,26 @@ class SpeculativeEngine:
                 if prefill is None:
                     # At most remaining-1 drafts, so accepted + the target's token never overshoot the budget.
                     budget = min(self.policy.max_draft(), max_new_tokens - stats.new_tokens - 1)
-                    drafts, qs, draft_times = self._draft(budget, params, rng)
+                    if ready is not None and ready.tokens and budget > 0:
+                        stats.ahead_ready += 1
+                    drafts, qs, draft_times = self._draft(budget, params, rng, len(committed), ready)
+                    ready = None
                 else:  # the drafter is still prefilling: the verifier decodes this token alone
                     drafts, qs, draft_times = [], [], []
                     stats.cloud_rounds += 1
+                request = VerifyRequest(session_id, len(committed), drafts, None if params.greedy else qs, round_no,
+                                        drafting_ms=sum(draft_times), rtt_ms=last_rtt_ms, committed=committed)
+                guess = DraftBlock()
                 t0 = time.perf_counter()
                 try:
-                    result = self.backend.verify(VerifyRequest(
-                        session_id, len(committed), drafts, None if params.greedy else qs, round_no,
-                        drafting_ms=sum(draft_times), rtt_ms=last_rtt_ms, committed=committed))
+                    if ahead is not None and prefill is None and stats.new_tokens + len(drafts) + 1 < max_new_tokens:
+                        result, rtt_ms, guess = ahead.verify(
+                            self.backend.verify, request, lambda: self._draft_one(params, rng),
+                            max_ahead=self.policy.max_draft() + 1, is_eos=self.eos_ids.__contains__,
+                            stop_after=self.policy.stop_after, expected_ms=last_call_ms, token_ms=last_token_ms)
+                    else:
+                        result = self.backend.verify(request)
+                        rtt_ms = (time.perf_counter() - t0) * 1000
                 except VerifierUnavailable:
                     if not self.allow_local:
                         raise
@@ -205,15 +225,20 @@ class SpeculativeEngine:
                     self.drafter.truncate(len(committed))
                     yield from self._local_only(committed, max_new_tokens, params, rng, start, resumed=True)
                     return
-                rtt_ms = (time.perf_counter() - t0) * 1000
                 last_rtt_ms = max(0.0, rtt_ms - result.verify_ms - result.queue_ms)  # the network's share
+                last_call_ms = rtt_ms
+                if draft_times:
+                    last_token_ms = sum(draft_times) / len(draft_times)
                 accepted = result.accepted
                 self.policy.observe(len(drafts), accepted, result, rtt_ms, draft_times)
                 wasted = sum(draft_times[accepted + 1:])
                 stats.rounds.append(RoundStats(len(drafts), accepted, sum(draft_times), wasted, rtt_ms,
                                                result.verify_ms, result.queue_ms))
                 new = [*drafts[:accepted], result.token]
-                if prefill is None:
+                if guess.tokens and accepted == len(drafts) and guess.tokens[0] == result.token:
+                    ready = guess.after_guess()  # the drafter already holds the guess and the block after it
+                elif prefill is None:
+                    stats.ahead_wasted_ms += sum(guess.times)
                     self.drafter.truncate(len(committed) + accepted)
                     self.drafter.append(result.token)
                 committed.extend(new)
@@ -223,6 +248,8 @@ class SpeculativeEngine:
                     if token in self.eos_ids:
                         return
         finally:
+            if ahead is not None:
+                ahead.close()
             if prefill is not None:  # the answer ended first: the drafter is free only once its thread is done
                 prefill.wait()
                 stats.drafter_prefill_ms = prefill.elapsed_ms
@@ -257,22 +284,29 @@ class SpeculativeEngine:
                 break
         stats.wall_s = time.perf_counter() - start
 
-    def _draft(self, budget: int, params: SamplingParams, rng: np.random.Generator):
-        drafts, qs, times = [], [], []
-        for index in range(budget):
+    def _draft_one(self, params: SamplingParams, rng: np.random.Generator):
+        """One drafted token: (token, raw logits, q, sparse q or None under greedy, ms)."""
+        t0 = time.perf_counter()
+        logits = self.drafter.logits()
+        q = probs_from_logits(logits, params)
+        token = int(np.argmax(q)) if params.greedy else sample(q, rng)
+        self.drafter.append(token)
+        return token, logits, q, None if params.greedy else to_sparse(q), (time.perf_counter() - t0) * 1000
+
+    def _draft(self, budget: int, params: SamplingParams, rng: np.random.Generator, committed_len: int,
+               ready: DraftBlock | None = None):
+        """Up to `budget` drafts, starting from a block drafted ahead (cut to the budget) when there is one."""
+        block = ready or DraftBlock()
+        if len(block.tokens) > budget:
+            self.drafter.truncate(committed_len + budget)
+            block = DraftBlock(block.tokens[:budget], block.qs[:budget], block.times[:budget], True)
+        while not block.stopped and len(block.tokens) < budget:
             t0 = time.perf_counter()
-            logits = self.drafter.logits()
-            q = probs_from_logits(logits, params)
-            token = int(np.argmax(q)) if params.greedy else sample(q, rng)
-            self.drafter.append(token)
-            drafts.append(token)
-            if not params.greedy:
-                qs.append(to_sparse(q))
-            stop = token in self.eos_ids or self.policy.stop_after(index, logits, q)
-            times.append((time.perf_counter() - t0) * 1000)  # the policy's own time counts as drafting
-            if stop:
-                break
-        return drafts, qs, times
+            token, logits, q, q_sparse, _ = self._draft_one(params, rng)
+            stop = token in self.eos_ids or self.policy.stop_after(len(block.tokens), logits, q)
+            block.add(token, q_sparse, (time.perf_counter() - t0) * 1000)  # the policy's own time counts as drafting
+            block.stopped = stop
+        return block.tokens, block.qs, block.times
 
 
 def _faults_of(backend) -> dict[str, int]:

@@ -39,6 +39,8 @@ class EdgeSettings(BaseSettings):
     slo_tokens_per_s: float | None = Field(None, gt=0, description="the rate to ask the verifier for")
     decode_while_prefilling: bool = Field(True, description="let the verifier decode (empty drafts) while the "
                                                             "drafter prefills a long prompt, instead of waiting")
+    draft_ahead: bool = Field(True, description="keep drafting while a block is being verified, guessing that it "
+                                                "is accepted whole; the next block is then ready at once")
     allow_local: bool = Field(False, description="when the verifier is unreachable, continue with drafter-only "
                                                  "tokens, marked unverified")
     max_wait_s: float = Field(60.0, gt=0, description="how long to retry an unreachable or busy verifier")

@@ -8,6 +8,10 @@ does), receive the first token, prefill the drafter on the device, then rounds u
   send the block; the server verifies it in some batch; the reply comes back over the network
   rtt = the whole verify call; the network's share = rtt - queue - verify is reported next round
   policy.observe(drafted, accepted, VerifyResult(...), rtt, per-token drafting ms)
+  with `draft_ahead` (wisp_edge/draft_ahead.py): during the round trip the device drafts a guess of the
+  verifier's token and the next block, as many tokens as fit (the one in progress when the reply comes is
+  finished first); if the block was accepted whole and the guess was right, that many tokens of the next
+  block cost no drafting time
 An evicted or preempted session (410) is resumed with the committed tokens and the round is sent again.
 The policy is the production object (a new one per request, as `EdgeAgent.engine()` builds one per
 generation); only the drafter is replaced: its per-token statistics and the target's verdicts come from
@@ -48,6 +52,7 @@ class Block:
     drafted: int
     accepted: int
     times_ms: list[float] = field(default_factory=list)
+    hidden: int = 0  # leading tokens drafted during the previous round trip: their time is already spent
 
 
 def draft_block(policy, path: RequestPath, cursor: int, budget: int, device: DeviceProfile, charge_predictor: bool,
@@ -95,7 +100,7 @@ def _open(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRe
 
 
 def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, path: RequestPath,
-                policy, charge_predictor: bool, drafter_prefill: str = "cloud"):
+                policy, charge_predictor: bool, drafter_prefill: str = "cloud", draft_ahead: bool = False):
     t_open = env.now
     session = yield from _open(env, server, dev, rec, rec.prompt_tokens, rec.slo, mode="speculative", resume=False)
     if session is None:
@@ -104,12 +109,14 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     rec.t_first = rec.t_last = env.now
     rec.tokens = 1
     rec.token_log.append((env.now, 1))
-    cursor, last_rtt_ms = 0, None
+    cursor, last_rtt_ms, ahead_free = 0, None, 0
+    token_ms = dev.profile.draft_ms + (dev.profile.predictor_ms if charge_predictor else 0.0)
 
-    def round_trip(block: Block):
-        """Send one block (drafting time first), resume the session if it was evicted, commit the reply."""
-        nonlocal session, cursor, last_rtt_ms
-        drafting_s = sum(block.times_ms) / 1000.0
+    def round_trip(block: Block, ahead: bool = False):
+        """Send one block (drafting time first), resume the session if it was evicted, commit the reply.
+        `ahead`: the device drafts during the round trip; sets `ahead_free` for the next block."""
+        nonlocal session, cursor, last_rtt_ms, ahead_free
+        drafting_s = sum(block.times_ms[block.hidden:]) / 1000.0
         t0 = env.now + drafting_s
         while True:  # drafting and the uplink in one timeout: fewer events, same times
             yield env.timeout(drafting_s + dev.link.one_way_s(net.VERIFY_UP_BASE + net.PER_DRAFT_TOKEN * block.drafted,
@@ -131,10 +138,18 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
         rtt_ms = (env.now - t0) * 1000.0
         last_rtt_ms = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
         accepted = reply["accepted"]
+        ahead_free = 0
+        if ahead:  # AheadDrafter.verify: tokens started during the round trip, the last one finished after it
+            started = min(policy.max_draft() + 1, int(rtt_ms // token_ms) + 1)
+            yield env.timeout(max(0.0, started * token_ms - rtt_ms) / 1000.0)
+            guess = cursor + block.drafted
+            if accepted == block.drafted and guess < len(path) and path.accepted[guess]:
+                ahead_free = started - 1
         result = VerifyResult(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
                               reply["batch_size"], reply["suggested_max_draft"])
         policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
-        rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms)
+        rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms,
+                      block.hidden)
         cursor += accepted + 1
         rec.tokens += accepted + 1
         rec.t_last = env.now
@@ -164,7 +179,9 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     while rec.tokens < rec.output_tokens:
         budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
         block = draft_block(policy, path, cursor, budget, dev.profile, charge_predictor, dev.rng)
-        if not (yield from round_trip(block)):
+        block.hidden = min(ahead_free, block.drafted)
+        room = rec.tokens + block.drafted + 1 < rec.output_tokens  # the engine drafts ahead only if a round follows
+        if not (yield from round_trip(block, ahead=draft_ahead and room)):
             return
     server.close(session)
 

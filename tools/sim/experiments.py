@@ -268,6 +268,7 @@ LEVERS = {
     "device waits for its drafter's prefill (no cloud rounds)": {"drafter_prefill": "sequential"},
     "drafter prefill overlapped with the server's": {"drafter_prefill": "overlapped"},
     "no drafter prefill on the device (what-if)": {"drafter_prefill": "free"},
+    "device drafts during verification (draft_ahead)": {"draft_ahead": True},
     "acceptance 0.9 (param:0.9)": {"acceptance": "param:0.9"},
     "Orin Nano boards only": {"fleet": "orin-nano"},
     "RTT 10 ms": {"rtt_ms": 10.0},
@@ -285,7 +286,7 @@ def levers_experiment(cfg: SimConfig, systems=("wisp", "centralized"), slo: floa
     for name, changes in levers.items():
         result[name] = {}
         for system in systems:
-            if system == "centralized" and changes and set(changes) <= {"drafter_prefill", "acceptance", "fleet"}:
+            if system == "centralized" and changes and set(changes) <= {"drafter_prefill", "acceptance", "fleet", "draft_ahead"}:
                 continue  # nothing drafts: the change cannot matter
             n = capacity_search(replace(cfg, **changes), system, slo, threshold, guess, tol=tol)
             result[name][system] = n

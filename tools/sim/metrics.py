@@ -46,11 +46,12 @@ class RequestRecord:
     token_log: list = field(default_factory=list, repr=False)  # (arrival time, tokens) as they reach the device
 
     def add_round(self, drafted: int, accepted: int, times_ms: list[float], queue_ms: float, verify_ms: float,
-                  rtt_ms: float) -> None:
+                  rtt_ms: float, hidden: int = 0) -> None:
+        """`hidden`: leading tokens drafted during the previous round trip (draft ahead), off the critical path."""
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.drafting_ms += sum(times_ms)
+        self.drafting_ms += sum(times_ms[hidden:])
         self.wasted_ms += sum(times_ms[accepted + 1:])
         self.queue_ms += queue_ms
         self.verify_ms += verify_ms

@@ -55,6 +55,8 @@ class SimConfig:
     early_stop_below: float | None = None  # stop once attainment below this is certain (capacity searches)
     drafter_prefill: str = "cloud"  # our engine: the verifier decodes meanwhile; "sequential": the device waits;
     # what-ifs: "overlapped" with the server's prefill; "free"
+    draft_ahead: bool = False  # the engine's default is on (drafting during verification); the published sweeps
+    # predate it, so they keep it off and the levers study measures it
     coefficients: tuple | None = None  # a what-if server: replaces the profile's (c0, c1, c2, c3); None keeps one
 
 
@@ -163,7 +165,7 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
                 if keep_policies:
                     policies.append(policy)
                 yield from edge.speculative(env, server, dev, rec, path, policy, uses_predictor(system),
-                                             cfg.drafter_prefill)
+                                             cfg.drafter_prefill, cfg.draft_ahead)
             else:
                 yield from edge.centralized(env, server, dev, rec)
             if watched:
