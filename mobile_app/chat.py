@@ -14,9 +14,8 @@ from functools import partial
 from pathlib import Path
 
 from mobile_app.state import HISTORY_FILE, SETTINGS_FILE, AppSettings, Conversation, Message
-from mobile_app.worker import (Activity, Failed, Finished, GenerationWorker, LiveStats, Notice, Progress,
-                               Reachability, probe)
-
+from mobile_app.worker import Activity, Failed, Finished, GenerationWorker, LiveStats, Notice, Progress, Reachability
+from wisp_edge.health import is_healthy
 
 # What a "retrying…" notice becomes when its turn ends (answered, stopped), so a restored history is not stale.
 RETRY_OUTCOMES = {
@@ -51,7 +50,7 @@ class HealthMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             url = self.url
-            self.post(Reachability(url, probe(url)))
+            self.post(Reachability(url, is_healthy(url)))
             self._wake.wait(self.interval_s)
             self._wake.clear()
 

@@ -92,11 +92,6 @@ class Reachability:
     reachable: bool
 
 
-def probe(url: str, timeout_s: float = 2.0) -> bool:
-    """Whether the verifier at `url` answers /health with 200 (its batch loop runs)."""
-    return is_healthy(url, timeout_s)
-
-
 class _ObservedAgent(EdgeAgent):
     """The edge agent, remembering the engine of the generation in progress for live round statistics."""
 
@@ -222,7 +217,7 @@ class GenerationWorker:
 
     def _wait_until_reachable(self, url: str, cancel: threading.Event) -> None:
         while not cancel.wait(self.health_poll_s):
-            if probe(url):
+            if is_healthy(url):
                 self.post(Reachability(url, True))
                 return
 

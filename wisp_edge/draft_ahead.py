@@ -18,8 +18,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from wisp_edge.protocol import VerifyRequest, VerifyResult
 
 
@@ -43,8 +41,9 @@ class DraftBlock:
         return DraftBlock(self.tokens[1:], self.qs[1:], self.times[1:], self.stopped)
 
 
-# One drafted token: (token, raw logits, q it was drawn from, sparse q or None, ms it took).
-DraftOne = Callable[[], tuple[int, np.ndarray, np.ndarray, object, float]]
+# Draft one token at block index `index` (None: the guess of the verifier's token, which only an EOS stops):
+# (token, sparse q or None under greedy, ms it took, whether the block stops after it).
+DraftNext = Callable[[int | None], tuple[int, object, float, bool]]
 
 
 class AheadDrafter:
@@ -57,9 +56,8 @@ class AheadDrafter:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-verify")
 
-    def verify(self, verify: Callable[[VerifyRequest], VerifyResult], request: VerifyRequest, draft_one: DraftOne, *,
-               max_ahead: int, is_eos: Callable[[int], bool],
-               stop_after: Callable[[int, np.ndarray, np.ndarray], bool], expected_ms: float | None = None,
+    def verify(self, verify: Callable[[VerifyRequest], VerifyResult], request: VerifyRequest, draft_next: DraftNext,
+               *, max_ahead: int, expected_ms: float | None = None,
                token_ms: float | None = None) -> tuple[VerifyResult, float, DraftBlock]:
         """(the verifier's answer, the call's own wall time in ms, the tokens drafted meanwhile).
 
@@ -85,9 +83,9 @@ class AheadDrafter:
                 if expected_ms is not None and per_token is not None and \
                         (time.perf_counter() - started) * 1000 + per_token > expected_ms:
                     break
-                token, logits, q, q_sparse, ms = draft_one()
+                token, q_sparse, ms, stop = draft_next(len(block.tokens) - 1 if block.tokens else None)
                 block.add(token, q_sparse, ms)
-                if is_eos(token) or (len(block.tokens) > 1 and stop_after(len(block.tokens) - 2, logits, q)):
+                if stop:
                     block.stopped = True
                     break
         finally:

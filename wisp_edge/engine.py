@@ -210,9 +210,8 @@ class SpeculativeEngine:
                 try:
                     if ahead is not None and prefill is None and stats.new_tokens + len(drafts) + 1 < max_new_tokens:
                         result, rtt_ms, guess = ahead.verify(
-                            self.backend.verify, request, lambda: self._draft_one(params, rng),
-                            max_ahead=self.policy.max_draft() + 1, is_eos=self.eos_ids.__contains__,
-                            stop_after=self.policy.stop_after, expected_ms=last_call_ms, token_ms=last_token_ms)
+                            self.backend.verify, request, lambda index: self._draft_next(index, params, rng),
+                            max_ahead=self.policy.max_draft() + 1, expected_ms=last_call_ms, token_ms=last_token_ms)
                     else:
                         result = self.backend.verify(request)
                         rtt_ms = (time.perf_counter() - t0) * 1000
@@ -284,14 +283,16 @@ class SpeculativeEngine:
                 break
         stats.wall_s = time.perf_counter() - start
 
-    def _draft_one(self, params: SamplingParams, rng: np.random.Generator):
-        """One drafted token: (token, raw logits, q, sparse q or None under greedy, ms)."""
+    def _draft_next(self, index: int | None, params: SamplingParams, rng: np.random.Generator):
+        """Draft one token at block index `index` (None: a guess of the verifier's token, which only an EOS
+        stops): (token, sparse q or None under greedy, ms with the policy's own time, whether to stop)."""
         t0 = time.perf_counter()
         logits = self.drafter.logits()
         q = probs_from_logits(logits, params)
         token = int(np.argmax(q)) if params.greedy else sample(q, rng)
         self.drafter.append(token)
-        return token, logits, q, None if params.greedy else to_sparse(q), (time.perf_counter() - t0) * 1000
+        stop = token in self.eos_ids or (index is not None and self.policy.stop_after(index, logits, q))
+        return token, None if params.greedy else to_sparse(q), (time.perf_counter() - t0) * 1000, stop
 
     def _draft(self, budget: int, params: SamplingParams, rng: np.random.Generator, committed_len: int,
                ready: DraftBlock | None = None):
@@ -301,11 +302,8 @@ class SpeculativeEngine:
             self.drafter.truncate(committed_len + budget)
             block = DraftBlock(block.tokens[:budget], block.qs[:budget], block.times[:budget], True)
         while not block.stopped and len(block.tokens) < budget:
-            t0 = time.perf_counter()
-            token, logits, q, q_sparse, _ = self._draft_one(params, rng)
-            stop = token in self.eos_ids or self.policy.stop_after(len(block.tokens), logits, q)
-            block.add(token, q_sparse, (time.perf_counter() - t0) * 1000)  # the policy's own time counts as drafting
-            block.stopped = stop
+            token, q_sparse, ms, block.stopped = self._draft_next(len(block.tokens), params, rng)
+            block.add(token, q_sparse, ms)
         return block.tokens, block.qs, block.times
 
 
