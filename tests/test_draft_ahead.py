@@ -45,15 +45,18 @@ def test_greedy_with_drafting_ahead_equals_the_target(kind, max_new, k):
     eng = _engine(model, drafter, k, rtt_s=0.02 if kind == "self" else 0.003)
     got = [t.id for t in eng.generate([3, 1, 4], max_new_tokens=max_new)]
     assert got == generate(model, [3, 1, 4], max_new_tokens=max_new)
-    if kind == "self" and max_new == 20:  # every guess is right: each drafted block after the first was ready
+    if kind == "self" and max_new == 20:
+        # Every guess is right, so nothing drafted ahead is rolled back. How many blocks were ready in time
+        # depends on the machine's load (no token is started past the expected answer), so only bounds.
         drafted_rounds = sum(1 for r in eng.stats.rounds if r.drafted)
-        assert eng.stats.ahead_ready == drafted_rounds - 1 > 0
+        assert 0 < eng.stats.ahead_ready <= drafted_rounds - 1
         assert eng.stats.ahead_wasted_ms == 0
 
 
 def test_a_right_guess_saves_the_drafting_of_the_next_block():
     model = tiny_target(vocab=9, seed=1)
-    with_ahead, without = _engine(model, TorchDrafter(model), 3), _engine(model, TorchDrafter(model), 3, ahead=False)
+    with_ahead = _engine(model, TorchDrafter(model), 3, rtt_s=0.02)
+    without = _engine(model, TorchDrafter(model), 3, ahead=False, rtt_s=0.02)
     a = [(t.id, t.from_draft, t.round) for t in with_ahead.generate([2, 7], max_new_tokens=24)]
     b = [(t.id, t.from_draft, t.round) for t in without.generate([2, 7], max_new_tokens=24)]
     assert a == b  # the same tokens in the same rounds
