@@ -21,7 +21,7 @@ def test_a_generation_is_counted_with_its_cloud_rounds_and_faults():
     cloud = RoundStats(0, 0, 0.0, 0.0, 80.0, 60.0, 1.0)
     drafted = RoundStats(4, 2, 40.0, 15.0, 90.0, 70.0, 2.0)
     stats = GenerationStats(rounds=[cloud, cloud, drafted], drafter_prefill_ms=250.0, cloud_rounds=2,
-                            faults={"retries": 3, "resumes": 1, "replayed_rounds": 2, "busy_waits": 0})
+                            ahead_ready=1, ahead_wasted_ms=12.0, faults={"retries": 3, "resumes": 1, "replayed_rounds": 2, "busy_waits": 0})
     metrics.record(stats)
     metrics.record(GenerationStats(rounds=[drafted], faults={"retries": 1}))
     got = _scrape(metrics)
@@ -34,5 +34,6 @@ def test_a_generation_is_counted_with_its_cloud_rounds_and_faults():
     assert got[("wisp_edge_faults_total", (("kind", "replayed_rounds"),))] == 2
     assert got[("wisp_edge_faults_total", (("kind", "resumes"),))] == 1
     assert ("wisp_edge_faults_total", (("kind", "busy_waits"),)) not in got  # nothing happened, no series
-    assert got[("wisp_edge_session_resumes_total", ())] == 1
+    assert got[("wisp_edge_ahead_ready_rounds_total", ())] == 1
+    assert got[("wisp_edge_ahead_wasted_drafting_seconds_total", ())] == 0.012
     assert got[("wisp_edge_wasted_drafting_seconds_total", ())] == 0.03

@@ -44,13 +44,15 @@ class EdgeMetrics:
                                        "Drafting time spent on tokens after the first rejection", registry=r)
         self.round_seconds = Histogram("wisp_edge_verify_round_seconds", "Round trip of a verify call",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
-        self.resumes = Counter("wisp_edge_session_resumes", "Sessions reopened after an eviction or restart",
-                               registry=r)
         self.faults = Counter("wisp_edge_faults", "Faults the client rode out without losing a token: retries "
                               "(network), replayed_rounds (a cut reply answered from the server's record), "
                               "busy_waits (429/503 waited out), resumes", ["kind"], registry=r)
         self.cloud_rounds = Counter("wisp_edge_cloud_rounds", "Rounds the verifier decoded alone (empty draft) "
                                     "while the drafter prefilled the prompt", registry=r)
+        self.ahead_ready = Counter("wisp_edge_ahead_ready_rounds", "Rounds whose block was drafted while the "
+                                   "previous one was being verified (drafting ahead)", registry=r)
+        self.ahead_wasted = Counter("wisp_edge_ahead_wasted_drafting_seconds", "Drafting ahead rolled back (a wrong "
+                                    "guess or a rejected block); it overlapped a round trip", registry=r)
         self.drafter_prefill = Histogram("wisp_edge_drafter_prefill_seconds", "The drafter's prompt prefill",
                                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
 
@@ -67,8 +69,9 @@ class EdgeMetrics:
         for kind, n in stats.faults.items():
             if n:
                 self.faults.labels(kind).inc(n)
-        self.resumes.inc(stats.faults.get("resumes", 0))
         self.cloud_rounds.inc(stats.cloud_rounds)
+        self.ahead_ready.inc(stats.ahead_ready)
+        self.ahead_wasted.inc(stats.ahead_wasted_ms / 1000)
         if stats.drafter_prefill_ms:
             self.drafter_prefill.observe(stats.drafter_prefill_ms / 1000)
 
