@@ -179,3 +179,11 @@ def test_quick_cli_prints_the_json_interface(tmp_path, capsys):
     assert set(out["goodput"]) == {"wisp", "centralized"} and out["goodput"]["wisp"] > 0
     assert "capacity_wisp_over_centralized" in out["ratios"]
     assert (tmp_path / "capacity.png").stat().st_size > 0 and (tmp_path / "capacity_runs.csv").exists()
+
+
+def test_cli_turns_drafting_ahead_on_and_records_it():
+    from tools import simulate as cli
+
+    assert cli.base_config(cli.parse(["--setup", "paper"])).draft_ahead is False  # the published sweeps run without it
+    cfg = cli.base_config(cli.parse(["--draft-ahead", "--setup", "paper"]))
+    assert cfg.draft_ahead is True and cli._describe(cfg)["draft_ahead"] is True

@@ -66,6 +66,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--drafter-prefill", choices=["cloud", "sequential", "overlapped", "free"],
                    help="how the device prefills its drafter: cloud (our engine: the verifier decodes meanwhile), "
                         "sequential (the device waits), what-ifs overlapped (with the server's prefill) and free")
+    p.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction,
+                   help="devices draft the next block during verification, as the edge engine does by default "
+                        "(the published sweeps predate it and run without)")
     p.add_argument("--c3", type=float, help="what-if server: the per-cached-token cost, ms (the profile's otherwise)")
     p.add_argument("--seeds", type=int, default=1, help="capacity: median over this many seeds")
     p.add_argument("--measure-requests", type=int, help="requests measured per device (setup's default otherwise)")
@@ -90,6 +93,8 @@ def base_config(a: argparse.Namespace):
         cfg = replace(cfg, fleet=a.fleet)
     if a.drafter_prefill:
         cfg = replace(cfg, drafter_prefill=a.drafter_prefill)
+    if a.draft_ahead is not None:
+        cfg = replace(cfg, draft_ahead=a.draft_ahead)
     if a.c3 is not None:
         cfg = replace(cfg, coefficients=(None, None, None, a.c3))
     if a.measure_requests:
@@ -196,7 +201,7 @@ def _describe(cfg) -> dict:
     return {"server": cfg.server, "truth": cfg.truth, "kv_budget_gb": None if cfg.kv_budget_gb is None else (
         "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
         "acceptance": cfg.acceptance, "coefficients": cfg.coefficients, "drafter_prefill": cfg.drafter_prefill,
-        "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output),
+        "draft_ahead": cfg.draft_ahead, "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output),
         "think_s": wl.think_s, "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
 
 
