@@ -97,8 +97,8 @@ class _ObservedAgent(EdgeAgent):
 
     current: SpeculativeEngine | None = None
 
-    def engine(self) -> SpeculativeEngine:
-        self.current = super().engine()
+    def engine(self, **overrides) -> SpeculativeEngine:
+        self.current = super().engine(**overrides)
         return self.current
 
 

@@ -20,7 +20,7 @@ from wisp_edge.client import HttpVerifier
 from wisp_edge.controller.policy import make_policy
 from wisp_edge.drafters import load_drafter
 from wisp_edge.drafters.base import Drafter
-from wisp_edge.engine import CommittedToken, GenerationStats, SpeculativeEngine
+from wisp_edge.engine import CommittedToken, DraftPolicy, GenerationStats, SpeculativeEngine
 from wisp_edge.openai_compat import TextModel
 from wisp_edge.protocol import VerifierUnavailable
 from wisp_edge.sampling import SamplingParams
@@ -137,12 +137,15 @@ class EdgeAgent:
     def detokenize(self, ids: list[int]) -> str:
         return self.drafter.detokenize(ids)
 
-    def engine(self) -> SpeculativeEngine:
-        return SpeculativeEngine(self.drafter, self.backend, self.policy, eos_ids=self.eos_ids,
+    def engine(self, *, policy: DraftPolicy | None = None, backend: HttpVerifier | None = None,
+               draft_ahead: bool | None = None) -> SpeculativeEngine:
+        """An engine for one generation, as the settings say; the benchmark swaps in its own policy,
+        backend (with an emulated round trip) and drafting-ahead choice."""
+        return SpeculativeEngine(self.drafter, backend or self.backend, policy or self.policy, eos_ids=self.eos_ids,
                                  vocab_fingerprint=self._info()["vocab_fingerprint"],
                                  allow_local=self.settings.allow_local, slo_tokens_per_s=self.settings.slo_tokens_per_s,
                                  decode_while_prefilling=self.settings.decode_while_prefilling,
-                                 draft_ahead=self.settings.draft_ahead)
+                                 draft_ahead=self.settings.draft_ahead if draft_ahead is None else draft_ahead)
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),
                  cancel: threading.Event | None = None) -> Iterator[CommittedToken]:

@@ -22,7 +22,6 @@ import numpy as np
 
 from wisp_edge.client import HttpVerifier
 from wisp_edge.controller.policy import make_policy
-from wisp_edge.engine import SpeculativeEngine
 
 QUESTIONS = (
     "Why is the sky blue?",
@@ -126,8 +125,7 @@ def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[
     policy = TimedPolicy(make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
     try:
         for prompt in prompts:
-            engine = SpeculativeEngine(agent.drafter, backend, policy, eos_ids=agent.eos_ids,
-                                       vocab_fingerprint=agent.info["vocab_fingerprint"], draft_ahead=draft_ahead)
+            engine = agent.engine(policy=policy, backend=backend, draft_ahead=draft_ahead)
             outputs.append([t.id for t in engine.generate(prompt, max_new_tokens=tokens)])
             s = engine.stats
             new += s.new_tokens
