@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 from wisp_edge.settings import EdgeSettings
 
 SETTINGS_FILE = "settings.json"

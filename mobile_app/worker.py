@@ -23,9 +23,9 @@ from wisp_edge.drafters import load_drafter
 from wisp_edge.drafters.base import Drafter
 from wisp_edge.engine import SpeculativeEngine
 from wisp_edge.health import is_healthy
-from wisp_edge.protocol import VerifierUnavailable
-from wisp_edge.text import IncrementalDecoder
-from wisp_edge.vocab import VocabMismatchError
+from wisp_edge.wire.protocol import VerifierUnavailable
+from wisp_edge.wire.text import IncrementalDecoder
+from wisp_edge.wire.vocab import VocabMismatchError
 
 log = logging.getLogger("wisp.app")
 

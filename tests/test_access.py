@@ -23,7 +23,7 @@ from tests.live_server import LiveServer, tiny_checkpoint
 from wisp_cloud import access
 from wisp_cloud.access import AccessGate, AccessPolicy, KeyRing, RateLimiter, key_id, read_keys
 from wisp_edge.client import HttpVerifier
-from wisp_edge.protocol import SessionStart, VerifyRequest
+from wisp_edge.wire.protocol import SessionStart, VerifyBlock, VerifyRequest
 
 KEY_A, KEY_B, KEY_C = "key-alpha-1", "key-bravo-2", "key-charlie-3"
 RATE, BURST = 5.0, 20
@@ -102,7 +102,7 @@ def test_a_session_answers_only_to_the_key_that_opened_it(server):
         started = edge.start_session(SessionStart([1, 2, 3]))
         remote = edge._sessions[started.session_id].server_id
         _refused(alice.delete(f"/v1/sessions/{remote}"), 404, "unknown_session")
-        result = edge.verify(VerifyRequest(started.session_id, 4, [started.first_token], round_id=1,
+        result = edge.verify(VerifyRequest(started.session_id, VerifyBlock(4, [started.first_token], round_id=1),
                                            committed=[1, 2, 3, started.first_token]))
         assert result.accepted in (0, 1) and edge.resumes == 0
 
@@ -218,7 +218,7 @@ def test_tls_through_uvicorn(tmp_path, tiny_model):
                                   headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30)
         with HttpVerifier(server.url, client=tls_client) as edge:
             started = edge.start_session(SessionStart([1, 2, 3]))
-            assert edge.verify(VerifyRequest(started.session_id, 4, [], round_id=1)).token >= 0
+            assert edge.verify(VerifyRequest(started.session_id, VerifyBlock(4, [], round_id=1))).token >= 0
         # An edge trusts a private CA through SSL_CERT_FILE (httpx reads it), with no code change.
         with pytest.MonkeyPatch.context() as env:
             env.setenv("SSL_CERT_FILE", str(cert))

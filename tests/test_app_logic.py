@@ -45,7 +45,7 @@ def verifier_args(profile: Path) -> list[str]:
 def edge_answer(url: str, question: str, max_tokens: int = MAX_TOKENS) -> str:
     """What the edge engine alone answers (greedy), the reference the app must reproduce."""
     from wisp_edge.agent import EdgeAgent
-    from wisp_edge.sampling import SamplingParams
+    from wisp_edge.wire.sampling import SamplingParams
     from wisp_edge.settings import EdgeSettings
 
     agent = EdgeAgent(EdgeSettings(server=url, api_key=API_KEY, drafter=AppSettings().drafter))

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from wisp_cloud.convert.hf_to_gguf import convert_hf_to_gguf
+from tools.build.convert.hf_to_gguf import convert_hf_to_gguf
 from wisp_cloud.local_pair import LocalPair
 from wisp_cloud.model.loader import ModelNotFoundError, load_model
 from wisp_edge.drafters import load_drafter
-from wisp_edge.vocab import VocabMismatchError, check_same_vocab, fingerprint
+from wisp_edge.wire.vocab import VocabMismatchError, check_same_vocab, fingerprint
 
 TARGET = Path(__file__).resolve().parents[1] / "models" / "target"
 

@@ -29,8 +29,8 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
 
-from wisp_cloud.convert.hf_to_gguf import (DEFAULT_VOCAB_GGUF, _pre_tokenizer_name,  # noqa: E402
-                                            convert_hf_to_gguf, hf_vocab, reference_tokenizer_fields)
+from tools.build.convert.hf_to_gguf import (DEFAULT_VOCAB_GGUF, _pre_tokenizer_name,  # noqa: E402
+                                           convert_hf_to_gguf, hf_vocab, reference_tokenizer_fields)
 from wisp_cloud.model.loader import load_model  # noqa: E402
 from wisp_cloud.model.transformer import RaggedBatch  # noqa: E402
 from wisp_edge.drafters.llama_cpp import LlamaCppDrafter  # noqa: E402

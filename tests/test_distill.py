@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wisp_cloud.distill import evaluate as ev
-from wisp_cloud.distill import prompts as pr
-from wisp_cloud.distill import teacher_data as td
-from wisp_cloud.distill import train as tr
+from tools.build.distill import evaluate as ev
+from tools.build.distill import prompts as pr
+from tools.build.distill import teacher_data as td
+from tools.build.distill import train as tr
 from wisp_cloud.model.config import ModelArgs
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import RaggedBatch, Transformer

@@ -15,8 +15,11 @@ from tiny_models import TableDrafter, TorchDrafter, tiny_target
 from wisp_cloud.generate import generate
 from wisp_cloud.inprocess import InProcessVerifier
 from wisp_cloud.verifier import Verifier
+from wisp_edge.draft_ahead import AheadDrafter
 from wisp_edge.engine import FixedLength, SpeculativeEngine
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.round_plan import RoundPlan
+from wisp_edge.wire.protocol import VerifierUnavailable, VerifyReply
+from wisp_edge.wire.sampling import SamplingParams
 
 
 class FarVerifier(InProcessVerifier):
@@ -88,3 +91,49 @@ def test_sampled_with_drafting_ahead_follows_the_target(kind):
     if kind == "self":
         assert kept > runs // 4, "blocks drafted ahead were kept and sent"
     assert fits(counts, exact, runs)
+
+
+class CountingDrafting:
+    """Stands in for `Drafting`: token i is i, drafted at once; the stop rule fires at block index `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.indices: list[int | None] = []
+        self.stop_at = stop_at
+
+    def next(self, index):
+        self.indices.append(index)
+        return len(self.indices) - 1, None, 0.01, index is not None and index == self.stop_at
+
+
+def _slow_verify(request):
+    time.sleep(0.3)
+    return VerifyReply(accepted=2, token=0)
+
+
+@pytest.mark.parametrize("stop_at, drafted", [(None, 4), (1, 3)])
+def test_drafting_ahead_starts_with_the_guess_and_stops_where_the_plan_or_the_stop_rule_says(stop_at, drafted):
+    plan = RoundPlan(max_new_tokens=50)
+    rnd = plan.next_round(1, 3)  # at most the guess and a block of 3
+    drafting = CountingDrafting(stop_at)
+    ahead = AheadDrafter()
+    try:
+        reply, rtt_ms, block = ahead.verify(_slow_verify, None, drafting, plan, rnd)
+    finally:
+        ahead.close()
+    assert reply.accepted == 2 and rtt_ms >= 300
+    assert drafting.indices == [None, 0, 1, 2][:drafted]  # the guess, then the block from index 0
+    assert block.tokens == list(range(drafted)) and block.stopped == (stop_at is not None)
+
+
+def test_a_failed_verify_call_is_raised_after_drafting_ahead():
+    def unreachable(request):
+        time.sleep(0.05)
+        raise VerifierUnavailable("down")
+
+    plan = RoundPlan(max_new_tokens=50)
+    ahead = AheadDrafter()
+    try:
+        with pytest.raises(VerifierUnavailable):
+            ahead.verify(unreachable, None, CountingDrafting(), plan, plan.next_round(1, 2))
+    finally:
+        ahead.close()

@@ -8,7 +8,7 @@ import pytest
 from wisp_edge.controller.bounds import DraftBound, Ewma, expected_committed
 from wisp_edge.controller.policy import Controller, make_policy
 from wisp_edge.engine import FixedLength
-from wisp_edge.protocol import VerifyResult
+from wisp_edge.wire.protocol import VerifyReply
 
 
 def test_expected_committed_by_hand():
@@ -42,7 +42,7 @@ def test_best_k_is_the_argmax_of_tokens_per_time():
 def test_the_server_suggestion_caps_the_bound_and_observations_move_it():
     b = bound(0.95, 5, 300)
     assert b.best_k() == 16
-    result = VerifyResult(accepted=2, token=7, verify_ms=20, queue_ms=5, suggested_max_draft=3)
+    result = VerifyReply(accepted=2, token=7, verify_ms=20, queue_ms=5, suggested_max_draft=3)
     b.observe(3, 2, drafting_ms=[5, 5, 5], rtt_ms=325, queue_ms=5, verify_ms=20, suggested=3)
     assert b.best_k() <= 3
     # The network gets fast: a few rounds later the estimate follows.

@@ -22,7 +22,7 @@ from wisp_cloud.generate import generate
 from wisp_cloud.model.transformer import RaggedBatch
 from wisp_cloud.tokenizer import load_tokenizer
 from wisp_edge.agent import EdgeAgent
-from wisp_edge.sampling import SamplingParams, probs_from_logits
+from wisp_edge.wire.sampling import SamplingParams, probs_from_logits
 from wisp_edge.settings import EdgeSettings
 
 PROMPT = "My favourite colour is"

@@ -14,8 +14,8 @@ from wisp_cloud.model.transformer import RaggedBatch, commit
 from wisp_cloud.verifier import StalePositionError, Verifier
 import wisp_edge.engine as engine_module
 from wisp_edge.engine import FixedLength, SpeculativeEngine
-from wisp_edge.protocol import SessionStart, VerifyRequest
-from wisp_edge.sampling import SamplingParams, probs_from_logits
+from wisp_edge.wire.protocol import SessionStart, VerifyBlock, VerifyRequest
+from wisp_edge.wire.sampling import SamplingParams, probs_from_logits
 
 
 def engine(model, drafter, k, eos=(), overlap=False):
@@ -77,9 +77,10 @@ def test_stale_position_is_refused_and_changes_nothing():
     backend = InProcessVerifier(Verifier(model))
     started = backend.start_session(SessionStart([1, 2, 3]))
     with pytest.raises(StalePositionError) as err:
-        backend.verify(VerifyRequest(started.session_id, position=2, draft_ids=[1]))
+        backend.verify(VerifyRequest(started.session_id, VerifyBlock(position=2, draft_ids=[1], round_id=0)))
     assert err.value.committed == 4
-    assert backend.verify(VerifyRequest(started.session_id, position=4, draft_ids=[])).accepted == 0
+    block = VerifyBlock(position=4, draft_ids=[], round_id=0)
+    assert backend.verify(VerifyRequest(started.session_id, block)).accepted == 0
 
 
 def exact_target_distribution(model, prompt, length, params):

@@ -31,12 +31,12 @@ tokenizers = pytest.importorskip("tokenizers")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from wisp_cloud.convert.hf_to_onnx import export_onnx, verify_onnx  # noqa: E402
+from tools.build.convert.hf_to_onnx import export_onnx, verify_onnx  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
 from wisp_cloud.model.transformer import RaggedBatch  # noqa: E402
 from wisp_edge.drafters.base import Drafter  # noqa: E402
 from wisp_edge.drafters.onnx import OnnxDrafter  # noqa: E402
-from wisp_edge.vocab import fingerprint  # noqa: E402
+from wisp_edge.wire.vocab import fingerprint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_DIR = REPO / "models" / "target"

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_target
+from wisp_cloud.cli import main
 from wisp_cloud.estimator import VerifyCost
 from wisp_cloud.profiler import (
     ProfileRequest,
     default_profile_path,
     holdout_report,
     load_profile,
-    main,
     measure_batch,
     profile_grid,
     run_profile,
@@ -157,7 +157,8 @@ def test_cli_writes_the_default_profile(tmp_path, monkeypatch, capsys):
         % (a.vocab_size, a.dim, a.ffn_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.max_seq_len))
     save_file({f"model.{k}" if k != "lm_head.weight" else k: v.contiguous() for k, v in model.state_dict().items()},
               str(model_dir / "model.safetensors"))
-    assert main(["--model", str(model_dir), "--device", "cpu", "--quick", "--passes", "1", "--no-progress"]) == 0
+    assert main(["profile", "--model", str(model_dir), "--device", "cpu", "--quick", "--passes", "1",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "held out" in out and "per_cached_token_ms" in out
     # a CPU profile names its thread count (the test runs one thread), as the server's start-up expects

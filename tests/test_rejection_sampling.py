@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 
 import wisp_cloud.verification as verification
 from wisp_cloud.verification import dense_q, verify_greedy, verify_sampled
-from wisp_edge.sampling import SamplingParams, probs_from_logits, sample, to_sparse
+from wisp_edge.wire.sampling import SamplingParams, probs_from_logits, sample, to_sparse
 
 VOCAB, START, LENGTH, RUNS = 5, 0, 3, 4000
 RNG = np.random.default_rng(42)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wisp_cloud.sampling import probs_from_logits as torch_probs
-from wisp_edge.sampling import SamplingParams, probs_from_logits, sample, to_sparse
+from wisp_edge.wire.sampling import SamplingParams, probs_from_logits, sample, to_sparse
 
 SETTINGS = [SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.3, top_p=0.8),
             SamplingParams(0.5, top_k=20, top_p=0.9), SamplingParams(2.0, top_k=1), SamplingParams(0.9, top_p=0.05)]

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wisp_cloud.estimator import Margin, TimeEstimator
-from wisp_cloud.scheduler import FcfsScheduler, VerifyJob, WispScheduler, expected_accepted
+from wisp_cloud.scheduler import FcfsScheduler, VerifyJob, expected_accepted
+from wisp_cloud.wisp_scheduler import WispScheduler
 
 INF = float("inf")
 BIG = 10**12  # memory and tokens that never bind

@@ -207,7 +207,7 @@ def test_refusals_carry_codes_and_reasons(server, http, info, q4_pair):
 
 
 def test_sampling_session_through_the_client(server, info, q4_pair):
-    from wisp_edge.sampling import SamplingParams
+    from wisp_edge.wire.sampling import SamplingParams
 
     engine, backend = _engine(server, info, q4_pair.drafter, k=4)
     prompt = q4_pair.chat_prompt_ids("Tell me a short story about a cat.")

@@ -20,7 +20,8 @@ from tools.sim.acceptance import ParametricAcceptance, load_traces, make_accepta
 from tools.sim.run import simulate  # noqa: E402
 from tools.sim.workload import Lengths, Workload  # noqa: E402
 from wisp_cloud.estimator import TimeEstimator  # noqa: E402
-from wisp_cloud.scheduler import FcfsScheduler, WispScheduler  # noqa: E402
+from wisp_cloud.scheduler import FcfsScheduler  # noqa: E402
+from wisp_cloud.wisp_scheduler import WispScheduler  # noqa: E402
 from wisp_edge.controller.bounds import DraftBound  # noqa: E402
 from wisp_edge.controller.policy import Controller, make_policy  # noqa: E402
 from wisp_edge.controller.predictor import (PREDICTOR_DIR, ConfidencePolicy, PredictorPolicy,  # noqa: E402

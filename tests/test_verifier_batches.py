@@ -11,7 +11,7 @@ from tiny_models import tiny_target
 from wisp_cloud.generate import generate
 from wisp_cloud.kv_pool import KVPool
 from wisp_cloud.verifier import Prefill, Verifier, Verify
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 
 
 def _greedy(model, prompt, n):

@@ -23,15 +23,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from wisp_cloud.distill.evaluate import acceptance  # noqa: E402
+from tools.build.distill.evaluate import acceptance  # noqa: E402
 from wisp_cloud.generate import generate  # noqa: E402
 from wisp_cloud.local_pair import LocalPair, chat_prompt_text  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
 from wisp_cloud.model.transformer import RaggedBatch, commit  # noqa: E402
+from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 from wisp_edge.drafters import load_drafter, resolve_drafter_path  # noqa: E402
 from wisp_edge.engine import FixedLength  # noqa: E402
 
-TARGET = ROOT / "models" / "target"
+TARGET = DEFAULT_TARGET
 DRAFTERS = ["q4", "student", "student-f32", "student-onnx"]
 
 
@@ -173,7 +174,7 @@ def main() -> None:
 
 def write_manifest(report: dict, args) -> None:
     """models/manifest.json: every shipped file's sha256, how it was made, and its measured acceptance."""
-    from wisp_cloud.convert.shipped_pair import SMOLLM2_WHEEL, sha256
+    from tools.build.convert.shipped_pair import SMOLLM2_WHEEL, sha256
 
     models = ROOT / "models"
     how = f"python tools/bench_foundation.py --prompts {args.prompts} --answer-tokens {args.answer_tokens} --write-manifest"

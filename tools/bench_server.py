@@ -37,7 +37,9 @@ from wisp_cloud.model.kv_cache import KVCache  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
 from wisp_cloud.model.transformer import RaggedBatch, Transformer, commit  # noqa: E402
 from wisp_cloud.profiler import DTYPES, holdout_report, load_profile, run_profile, save_profile  # noqa: E402
-from wisp_cloud.scheduler import Batch, FcfsScheduler, VerifyJob, WispScheduler  # noqa: E402
+from wisp_cloud.scheduler import Batch, FcfsScheduler, VerifyJob  # noqa: E402
+from wisp_cloud.wisp_scheduler import WispScheduler  # noqa: E402
+from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 
 SECTIONS = ("verify", "profile", "scheduler", "http")
 SESSIONS = (1, 4, 8, 16, 32)
@@ -289,15 +291,16 @@ def drive_edge_client(url: str, prompt: list[int], drafts: list[int], rounds: in
                       warmup: int) -> list[tuple[float, float, float]]:
     """The same rounds through the edge's HttpVerifier (what a device runs)."""
     from wisp_edge.client import HttpVerifier
-    from wisp_edge.protocol import SessionStart, VerifyRequest
+    from wisp_edge.wire.protocol import SessionStart, VerifyBlock, VerifyRequest
 
     samples = []
     with HttpVerifier(url) as verifier:
         started = verifier.start_session(SessionStart(prompt))
         position = len(prompt) + 1  # the prompt and the target's first token
         for round_id in range(warmup + rounds):
+            block = VerifyBlock(position, drafts, round_id=round_id)
             t0 = time.perf_counter()
-            result = verifier.verify(VerifyRequest(started.session_id, position, drafts, round_id=round_id))
+            result = verifier.verify(VerifyRequest(started.session_id, block))
             rtt = (time.perf_counter() - t0) * 1000.0
             position += result.accepted + 1
             if round_id >= warmup:
@@ -354,7 +357,7 @@ def print_http(report: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "target", help="target checkpoint directory")
+    p.add_argument("--model", type=Path, default=DEFAULT_TARGET, help="target checkpoint directory")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda")

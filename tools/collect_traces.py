@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 from wisp_edge.controller.features import FEATURE_NAMES  # noqa: E402
 
 FORMAT = "wisp-trace/1"
@@ -91,11 +92,11 @@ def collect_fresh(name: str, k: int, answer_tokens: int, minutes: float, max_pro
     import torch
 
     import train_predictor as tp
-    from wisp_cloud.distill import prompts as pr
+    from tools.build.distill import prompts as pr
     from wisp_cloud.local_pair import LocalPair
 
     torch.set_num_threads(threads)
-    pair = LocalPair.load(name, ROOT / "models" / "target", n_threads=1)
+    pair = LocalPair.load(name, DEFAULT_TARGET, n_threads=1)
     texts = [p.prompt for p in pr.read_jsonl(tp.HELDOUT)]
     data = tp.collect(pair, texts, k=k, answer_tokens=answer_tokens, max_prompt=max_prompt, minutes=minutes,
                       desc=f"{name} traces")

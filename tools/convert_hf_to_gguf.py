@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wisp_cloud.convert.hf_to_gguf import OUT_TYPES, convert_hf_to_gguf  # noqa: E402
+from tools.build.convert.hf_to_gguf import OUT_TYPES, convert_hf_to_gguf  # noqa: E402
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wisp_cloud.convert.hf_to_onnx import export_onnx, verify_onnx  # noqa: E402
+from tools.build.convert.hf_to_onnx import export_onnx, verify_onnx  # noqa: E402
 from wisp_cloud.model.loader import load_args  # noqa: E402
 
 

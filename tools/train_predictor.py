@@ -5,7 +5,7 @@
     python tools/train_predictor.py --drafter q4 --reuse-data   # retrain from the cached rounds
 
 1. Collect: greedy generation through the real engine and the in-process verifier (the code the
-   server runs), with fixed drafts of k tokens, on training chat prompts (wisp_cloud.distill.prompts,
+   server runs), with fixed drafts of k tokens, on training chat prompts (tools.build.distill.prompts,
    held-out sources excluded, and past the first --skip-prompts that distilled the student). Every
    drafted token keeps its feature row; labels: 0 accepted, 1 the block's first rejection, -1 after
    it (excluded from training and metrics, kept to count waste).
@@ -36,9 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from wisp_cloud.distill import prompts as pr  # noqa: E402
+from tools.build.distill import prompts as pr  # noqa: E402
 from wisp_cloud.local_pair import LocalPair  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
+from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 from wisp_edge.controller.features import FEATURE_NAMES, BlockFeatures  # noqa: E402
 from wisp_edge.controller.predictor import (ConfidencePolicy, EntropyPolicy, PredictorPolicy,  # noqa: E402
                                             RejectionPredictor, file_sha256)
@@ -411,7 +412,7 @@ def main() -> None:
     p.add_argument("--val-share", type=float, default=0.2)
     p.add_argument("--rtt-ms", type=float, default=20.0, help="network RTT added to verify time in the cost model")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the target")
-    p.add_argument("--target", type=Path, default=ROOT / "models" / "target")
+    p.add_argument("--target", type=Path, default=DEFAULT_TARGET)
     p.add_argument("--out", type=Path, default=ROOT / "models" / "predictor")
     p.add_argument("--data-dir", type=Path, default=ROOT / "models" / "cache" / "predictor")
     p.add_argument("--reuse-data", action="store_true",

@@ -8,7 +8,6 @@ Every step resumes by default (teacher shards and the training checkpoint live i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import shlex
@@ -21,23 +20,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wisp_cloud.distill import evaluate as ev  # noqa: E402
-from wisp_cloud.distill import prompts as pr  # noqa: E402
-from wisp_cloud.distill import teacher_data as td  # noqa: E402
-from wisp_cloud.distill import train as tr  # noqa: E402
+from tools.build.convert.shipped_pair import sha256  # noqa: E402
+from tools.build.distill import evaluate as ev  # noqa: E402
+from tools.build.distill import prompts as pr  # noqa: E402
+from tools.build.distill import teacher_data as td  # noqa: E402
+from tools.build.distill import train as tr  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
+from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def paths(a):
@@ -206,7 +199,7 @@ def cmd_all(a) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["data", "train", "eval", "assemble", "all"])
-    p.add_argument("--target", default=str(ROOT / "models/target"))
+    p.add_argument("--target", default=str(DEFAULT_TARGET))
     p.add_argument("--out", default=str(ROOT / "models/student"))
     p.add_argument("--work", default=None, help="teacher shards and checkpoints (default OUT/work)")
     p.add_argument("--threads", type=int, default=1)

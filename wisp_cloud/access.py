@@ -29,7 +29,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wisp_edge.openai_compat import error_body
+from wisp_edge.wire.errors import error_body
 
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 

@@ -6,7 +6,7 @@ import torch
 
 from wisp_cloud.model.transformer import RaggedBatch, Transformer, commit
 from wisp_cloud.verification import sample_token
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 
 
 def generate(model: Transformer, prompt_ids: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),

@@ -10,8 +10,8 @@ import itertools
 import time
 
 from wisp_cloud.verifier import TargetSession, Verifier
-from wisp_edge.protocol import SessionStart, SessionStarted, VerifyRequest, VerifyResult
-from wisp_edge.vocab import VocabMismatchError
+from wisp_edge.wire.protocol import SessionStart, SessionStarted, VerifyRequest, VerifyReply
+from wisp_edge.wire.vocab import VocabMismatchError
 
 
 class InProcessVerifier:
@@ -25,17 +25,20 @@ class InProcessVerifier:
         if request.vocab_fingerprint and self.vocab_fingerprint and request.vocab_fingerprint != self.vocab_fingerprint:
             raise VocabMismatchError(f"drafter vocabulary {request.vocab_fingerprint} differs from the target's "
                                      f"{self.vocab_fingerprint}")
-        session = self.verifier.open(f"s{next(self._ids)}", request.prompt_ids, request.params)
+        session = self.verifier.open(f"s{next(self._ids)}", request.prompt_ids, request.sampling)
         t0 = time.perf_counter()
         (first,) = self.verifier.prefill([session])
         self.sessions[session.session_id] = session
-        return SessionStarted(session.session_id, first, (time.perf_counter() - t0) * 1000)
+        return SessionStarted(session.session_id, first, prefill_ms=(time.perf_counter() - t0) * 1000,
+                              position=len(request.prompt_ids) + 1)
 
-    def verify(self, request: VerifyRequest) -> VerifyResult:
+    def verify(self, request: VerifyRequest) -> VerifyReply:
         session = self.sessions[request.session_id]
         t0 = time.perf_counter()
-        (verdict,) = self.verifier.verify([(session, request.position, request.draft_ids, request.q)])
-        return VerifyResult(verdict.accepted, verdict.token, verdict.bonus, (time.perf_counter() - t0) * 1000)
+        block = request.block
+        (verdict,) = self.verifier.verify([(session, block.position, block.draft_ids, block.q)])
+        return VerifyReply(verdict.accepted, verdict.token, verdict.bonus, (time.perf_counter() - t0) * 1000,
+                           position=session.position, round_id=block.round_id)
 
     def close_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)

@@ -6,7 +6,6 @@ replaces `InProcessVerifier` with the HTTP client and keeps everything else.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +14,15 @@ import torch
 from wisp_cloud.inprocess import InProcessVerifier
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import Transformer
-from wisp_cloud.tokenizer import target_token_pieces
+from wisp_cloud.settings import DEFAULT_TARGET
+from wisp_cloud.tokenizer import chat_template_of, target_token_pieces
 from wisp_cloud.verifier import Verifier
-from wisp_edge.chat import render_chat
-from wisp_edge.drafters import MODELS_DIR, load_drafter
+from wisp_edge.drafters import load_drafter
 from wisp_edge.drafters.base import Drafter
 from wisp_edge.engine import DraftPolicy, SpeculativeEngine
-from wisp_edge.vocab import check_same_vocab, fingerprint
-
-DEFAULT_TARGET = MODELS_DIR / "target"
+from wisp_edge.wire.chat import render_chat
+from wisp_edge.wire.paths import DEFAULT_DRAFTER
+from wisp_edge.wire.vocab import check_same_vocab, fingerprint
 
 
 @dataclass
@@ -34,8 +33,9 @@ class LocalPair:
     vocab_fingerprint: str
 
     @classmethod
-    def load(cls, drafter: str | Path = "q4", target_dir: str | Path = DEFAULT_TARGET, *, n_threads: int | None = None,
-             dtype: torch.dtype = torch.float32, model: Transformer | None = None) -> "LocalPair":
+    def load(cls, drafter: str | Path = DEFAULT_DRAFTER, target_dir: str | Path = DEFAULT_TARGET, *,
+             n_threads: int | None = None, dtype: torch.dtype = torch.float32,
+             model: Transformer | None = None) -> "LocalPair":
         target_dir = Path(target_dir)
         model = model or load_model(target_dir, dtype=dtype)
         draft = load_drafter(drafter, n_threads=n_threads)
@@ -58,17 +58,6 @@ class LocalPair:
     def chat_prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
         return self.drafter.tokenize(chat_prompt_text(self.target_dir, messages))
-
-
-def chat_template_of(target_dir: Path) -> tuple[str, str, str]:
-    """(jinja template, bos token, eos token) of a checkpoint; the edge renders chats with the same three."""
-    config_path = target_dir / "tokenizer_config.json"
-    special = json.loads(config_path.read_text()) if config_path.exists() else {}
-    template_path = target_dir / "chat_template.jinja"
-    template = template_path.read_text() if template_path.exists() else special.get("chat_template")
-    if not template:
-        raise ValueError(f"{target_dir} has no chat template (chat_template.jinja or tokenizer_config.json)")
-    return template, special.get("bos_token") or "", special.get("eos_token") or ""
 
 
 def chat_prompt_text(target_dir: Path, messages: list[dict]) -> str:

@@ -48,5 +48,14 @@ class Metrics:
                             registry=r)
         self.batch_errors = Counter("wisp_batch_errors", "Batched forwards that raised", registry=r)
 
+    def record_batch(self, size: int, new_tokens: int, measured_ms: float, predicted_ms: float) -> None:
+        """One batched forward: its size, its time, and how the estimator's prediction compared."""
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(new_tokens)
+        self.verify_seconds.observe(measured_ms / 1000.0)
+        self.predicted_seconds.observe(predicted_ms / 1000.0)
+        if predicted_ms > 0:
+            self.prediction_ratio.observe(measured_ms / predicted_ms)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,7 @@ The paper's main baseline and the path for devices without a drafter. Each reque
 whose decode steps are scheduled like verify blocks, so they share batches with speculative
 sessions (continuous batching over one model and one KV pool). Text prompts are tokenized as the
 model's own tokenizer does by default (as vLLM does); chat messages go through the model's chat
-template. `temperature: 0` is greedy. The request/response format is `wisp_edge/openai_compat.py`,
+template. `temperature: 0` is greedy. The request/response format is `wisp_edge/wire/openai.py`,
 shared with the edge agent's local API. A client that hangs up stops its decoding within a few tokens,
 so an abandoned request does not keep the accelerator busy.
 """
@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from wisp_cloud.api_schemas import MAX_SLO, check_temperature
 from wisp_cloud.service import VerifierService
-from wisp_edge.openai_compat import ApiError, ChatRequest, CompletionRequest, TextModel, models_reply, respond
+from wisp_edge.wire.errors import ApiError
+from wisp_edge.wire.openai import ChatRequest, CompletionRequest, TextModel, as_response, models_reply, respond
+from wisp_edge.wire.protocol import MAX_SLO
 
 DISCONNECT_CHECK_EVERY = 4  # tokens between looks at whether the client is still there
 
@@ -35,17 +36,14 @@ def build_router(service: VerifierService, text_model: TextModel, tokenizer) -> 
             raise ApiError(400, "invalid_request", f"the prompt is not valid Unicode text ({exc})") from None
 
     def tokens_for(prompt_ids: list[int], body, request: Request):
-        # The shared request model (wisp_edge.openai_compat) admits what the edge can sample; the
-        # server also refuses what would overflow its sampler or its scheduler's arithmetic.
-        try:
-            check_temperature(body.temperature)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_request", str(exc)) from None
+        # The shared request model (wisp_edge.wire.openai) admits what the edge can sample; the
+        # server also refuses what would overflow its scheduler's arithmetic.
+        sampling = body.sampling()  # before anything else: a too small temperature is a 400
         if body.slo_tokens_per_s is not None and body.slo_tokens_per_s > MAX_SLO:
             raise ApiError(400, "invalid_request", f"slo_tokens_per_s {body.slo_tokens_per_s:g} is above {MAX_SLO:g}")
 
         async def watched(max_tokens: int) -> AsyncIterator[int]:
-            tokens = service.decode(prompt_ids, body.sampling(), max_tokens=max_tokens,
+            tokens = service.decode(prompt_ids, sampling, max_tokens=max_tokens,
                                     slo_rate=body.slo_tokens_per_s)
             try:
                 produced = 0
@@ -68,14 +66,15 @@ def build_router(service: VerifierService, text_model: TextModel, tokenizer) -> 
             prompt_ids = list(body.prompt)
             text_model.check(body, prompt_ids)  # ids in the vocabulary before they are decoded
             echo = decode(prompt_ids) if body.echo else ""
-        return await respond("text", body, prompt_ids, text_model, tokens_for(prompt_ids, body, request), decode,
-                             echo_text=echo)
+        return as_response(await respond("text", body, prompt_ids, text_model, tokens_for(prompt_ids, body, request),
+                                         decode, echo_text=echo))
 
     @router.post("/v1/chat/completions", summary="Answer a conversation with the model's chat template")
     async def chat_completions(body: ChatRequest, request: Request):
         text = text_model.render_chat([m.model_dump() for m in body.messages])
         prompt_ids = encode(text, add_special_tokens=False)
-        return await respond("chat", body, prompt_ids, text_model, tokens_for(prompt_ids, body, request), decode)
+        return as_response(await respond("chat", body, prompt_ids, text_model, tokens_for(prompt_ids, body, request),
+                                         decode))
 
     @router.get("/v1/models", summary="The served model")
     async def models():

@@ -7,19 +7,17 @@ computing only its last row's logits, a verify block all of its k+1 rows. Part o
 held out and the fit's R^2 / MAE / MAPE on them is stored with the profile (the paper's accuracy report).
 
     wisp-cloud profile --quick           # ~10 s on two CPU cores for the shipped 135M target
-    python -m wisp_cloud.profiler --threads 2
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -27,8 +25,9 @@ import torch
 from wisp_cloud.estimator import FEATURE_NAMES, FitReport, Sample, TimeEstimator, VerifyCost, make_metadata
 from wisp_cloud.model.kv_cache import KVCache
 from wisp_cloud.model.transformer import RaggedBatch, Transformer
+from wisp_cloud.settings import Dtype, ProfileOptions
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
 
 
 @dataclass(frozen=True)
@@ -260,54 +259,25 @@ def holdout_report(estimator: TimeEstimator) -> FitReport | None:
     return FitReport(**stored) if stored else None
 
 
-# --- command line ---------------------------------------------------------------------------------------
+# --- what `wisp-cloud profile` runs ----------------------------------------------------------------------
 
-def _default_model_dir() -> Path:
-    from wisp_edge.drafters import MODELS_DIR
-
-    return MODELS_DIR / "target"
-
-
-def register(subparsers) -> None:
-    """Add `profile` to a `wisp-cloud` subcommand parser."""
-    p = subparsers.add_parser("profile", help="time batched verify forwards and fit the verification time estimator")
-    _add_arguments(p)
-    p.set_defaults(func=_profile)
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    cuda = torch.cuda.is_available()
-    p.add_argument("--model", type=Path, default=None, help="target checkpoint directory (default: models/target)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--quick", action="store_true", help="a small grid (~10 s on two CPU cores for the 135M target)")
-    p.add_argument("--holdout", type=float, default=0.25, help="fraction of configurations held out of the fit")
-    p.add_argument("--passes", type=int, default=None,
-                   help="timed sweeps over the grid; each configuration keeps its median (default: 3 quick, 5 full)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="profile JSON (default: <model>/.wisp-profile-<device>-<dtype>[-t<threads> on cpu].json)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def _profile(args) -> int:
+def profile_and_save(options: ProfileOptions) -> str:
+    """Profile the checkpoint as `options` say, save the fit where the server looks for it; the report."""
     from wisp_cloud.model.loader import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    model_dir = args.model or _default_model_dir()
-    model = load_model(model_dir, device=args.device, dtype=DTYPES[dtype])
-    result = run_profile(model, quick=args.quick, holdout_fraction=args.holdout, seed=args.seed,
-                         progress=args.progress, passes=args.passes, model_name=Path(model_dir).resolve().name)
-    threads = torch.get_num_threads() if args.device == "cpu" else None
-    path = save_profile(result, args.out or default_profile_path(model_dir, args.device, dtype, threads))
-    print(format_result(result, path))
-    return 0
+    dtype = options.dtype or ("bfloat16" if device == "cuda" else "float32")
+    model = load_model(options.model, device=device, dtype=DTYPES[dtype])
+    result = run_profile(model, quick=options.quick, holdout_fraction=options.holdout, seed=options.seed,
+                         progress=options.progress, passes=options.passes,
+                         model_name=Path(options.model).resolve().name)
+    threads = torch.get_num_threads() if device == "cpu" else None
+    path = save_profile(result, options.out or default_profile_path(options.model, device, dtype, threads))
+    return format_result(result, path)
 
 
 def format_result(result: ProfileResult, path: Path | None = None) -> str:
@@ -323,18 +293,3 @@ def format_result(result: ProfileResult, path: Path | None = None) -> str:
     if path is not None:
         lines.append(f"  saved {path}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wisp_cloud.profiler", description=__doc__.split("\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _profile(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"wisp-cloud profile: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

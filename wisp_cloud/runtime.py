@@ -16,19 +16,17 @@ from pathlib import Path
 import torch
 
 from wisp_cloud.estimator import Margin, TimeEstimator
-from wisp_cloud.local_pair import chat_template_of
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import Transformer
-from wisp_cloud.profiler import default_profile_path, holdout_report, load_profile, run_profile, save_profile
+from wisp_cloud.profiler import DTYPES, default_profile_path, holdout_report, load_profile, run_profile, save_profile
 from wisp_cloud.service import VerifierService
 from wisp_cloud.settings import ServeSettings
-from wisp_cloud.tokenizer import load_tokenizer, target_token_pieces
-from wisp_edge.openai_compat import TextModel
-from wisp_edge.vocab import fingerprint
+from wisp_cloud.tokenizer import chat_template_of, load_tokenizer, target_token_pieces
+from wisp_edge.wire.openai import TextModel
+from wisp_edge.wire.vocab import fingerprint
 
 log = logging.getLogger("wisp.runtime")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_DEFAULT_BYTES = 1 << 30
 
 

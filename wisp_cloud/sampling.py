@@ -1,14 +1,14 @@
-"""Torch mirror of `wisp_edge.sampling.probs_from_logits`, for the target's p on the verifier.
+"""Torch mirror of `wisp_edge.wire.sampling.probs_from_logits`, for the target's p on the verifier.
 
 The semantics (temperature -> softmax -> top-k -> top-p, ties by lower id) are defined in
-`wisp_edge.sampling`; this version works on many rows at once and is tested equal to it.
+`wisp_edge.wire.sampling`; this version works on many rows at once and is tested equal to it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

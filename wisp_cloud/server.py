@@ -22,16 +22,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wisp_cloud.access import AccessGate, AccessPolicy, KeyRing
-from wisp_cloud.api_schemas import ErrorReply, SessionCreate, SessionCreated, VerifyBlock, VerifyReply
 from wisp_cloud.openai_api import build_router
-from wisp_cloud.service import ServiceError, VerifierService
-from wisp_edge.openai_compat import ApiError, TextModel, error_body
-from wisp_edge.sampling import SamplingParams
+from wisp_cloud.service import VerifierService
+from wisp_edge.wire.errors import ApiError, ErrorReply, error_body
+from wisp_edge.wire.openai import TextModel
+from wisp_edge.wire.protocol import SessionStart, SessionStarted, VerifyBlock, VerifyReply
 
 log = logging.getLogger("wisp.server")
 
 ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 408, 409, 410, 413, 422, 429, 503)}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+EXTRA_FIELD = "Extra inputs are not permitted"
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
@@ -79,8 +80,10 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
             return _error(422, "invalid_json", f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')} "
                                                f"at character {position}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}" if where else
-                      first.get("msg", "invalid request"))
+        # The session bodies are pydantic dataclasses: an unknown field reads as it does for a model.
+        unknown_field = first.get("type") == "unexpected_keyword_argument"
+        reason = EXTRA_FIELD if unknown_field else first.get("msg", "invalid request")
+        return _error(422, "invalid_request", f"{where}: {reason}" if where else reason)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -106,39 +109,28 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
              dependencies=keyed, response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorReply}})
     async def metrics():
-        service.metrics.kv_used.set(service.pool.used_bytes)
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     # --- the session API ---------------------------------------------------------------------------
 
     sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=keyed, responses=ERRORS)
 
-    @sessions.post("", response_model=SessionCreated, status_code=201,
+    @sessions.post("", response_model=SessionStarted, status_code=201,
                    summary="Open a session: prefill the prompt, reply with the target's first token")
-    async def create_session(body: SessionCreate, request: Request):
-        s = body.sampling
-        try:
-            params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed)
-        except ValueError as exc:
-            raise ServiceError(422, "invalid_request", str(exc)) from None
-        session, first, timing = await service.create_session(
-            body.prompt_ids, params, slo_rate=body.slo_tokens_per_s, vocab_fingerprint=body.vocab_fingerprint,
+    async def create_session(body: SessionStart, request: Request):
+        return await service.create_session(
+            body.prompt_ids, body.sampling, slo_rate=body.slo_tokens_per_s, vocab_fingerprint=body.vocab_fingerprint,
             resume=body.resume, owner=_key_of(request))
-        return SessionCreated(session_id=session.id, first_token=first, position=session.target.position,
-                              queue_ms=timing.get("queue_ms", 0.0), prefill_ms=timing.get("verify_ms", 0.0),
-                              vocab_fingerprint=service.vocab_fingerprint, max_draft=service.settings.max_draft)
 
     @sessions.post("/{session_id}/verify", response_model=VerifyReply,
                    summary="Verify a draft block; retrying a round id returns the same answer")
     async def verify(session_id: str, body: VerifyBlock, request: Request):
-        q = None if body.q is None else [(d.ids, d.probs) for d in body.q]
         return await service.verify(session_id, owner=_key_of(request), position=body.position, round_id=body.round_id,
-                                    draft=body.draft_ids, q=q, drafting_ms=body.drafting_ms, rtt_ms=body.rtt_ms)
+                                    draft=body.draft_ids, q=body.q, drafting_ms=body.drafting_ms, rtt_ms=body.rtt_ms)
 
     @sessions.delete("/{session_id}", status_code=204, summary="Close a session and free its KV")
     async def close_session(session_id: str, request: Request):
-        service.get(session_id, owner=_key_of(request))  # 404/410 with the reason, or another key's session
-        service.close(session_id)
+        service.close(session_id, owner=_key_of(request))  # 404/410 with the reason, or another key's session
         return Response(status_code=204)
 
     app.include_router(sessions)
@@ -148,9 +140,7 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
              summary="What an edge needs before opening sessions")
     async def info():
         return {"model": text_model.model_id, "vocab_size": text_model.vocab_size,
-                "vocab_fingerprint": service.vocab_fingerprint, "max_seq_len": text_model.max_seq_len,
-                "max_draft": service.settings.max_draft, "policy": service.settings.policy,
-                "eos_token_ids": sorted(service.eos_ids),
+                "max_seq_len": text_model.max_seq_len, **service.info(),
                 "chat_template": text_model.chat_template[0] if text_model.chat_template else None,
                 "bos_token": text_model.chat_template[1] if text_model.chat_template else None,
                 "eos_token": text_model.chat_template[2] if text_model.chat_template else None}

@@ -1,8 +1,9 @@
-"""Everything `wisp-cloud serve` can be told, from flags or `WISP_*` environment variables.
+"""Everything `wisp-cloud` can be told: each field is a flag (wisp_edge/wire/flags.py makes them).
 
-pydantic-settings reads the environment (`WISP_API_KEY`, `WISP_PORT`, ...) and validates the
-values; command-line flags override it. One object, passed to the service and the app, so a test
-or an embedding program builds the server without going through the command line.
+`ServeSettings` (`wisp-cloud serve`): pydantic-settings reads the environment (`WISP_API_KEY`,
+`WISP_PORT`, ...) and validates the values; command-line flags override it. One object, passed to the
+service and the app, so a test or an embedding program builds the server without the command line.
+`ProfileOptions` and `PairOptions` are the flags of `wisp-cloud profile` and `wisp-cloud generate`.
 """
 
 from __future__ import annotations
@@ -10,25 +11,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from wisp_edge.drafters import MODELS_DIR
+from wisp_edge.wire.options import DraftOptions
+from wisp_edge.wire.paths import TARGET, models_dir
+
+DEFAULT_TARGET = models_dir() / TARGET
+Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WISP_", extra="forbid", protected_namespaces=())
 
-    model: Path = Field(MODELS_DIR / "target", description="Hugging Face checkpoint directory of the target")
+    model: Path = Field(DEFAULT_TARGET, description="Hugging Face checkpoint directory of the target")
     served_model_name: str | None = Field(None, description="model id in the API (default: from the checkpoint)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="0: any free port")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when torch sees one")
+    dtype: Literal["auto", Dtype] = Field("auto", description="auto: float32 on cpu, bfloat16 on cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
-    policy: Literal["wisp", "fcfs"] = "wisp"
+    policy: Literal["wisp", "fcfs"] = Field("wisp", description="batch scheduler")
     api_key: str | None = Field(None, description="clients must send 'Authorization: Bearer <key>'; several keys "
-                                                  "separated by commas")
+                                                  "separated by commas, or the flag repeated",
+                                json_schema_extra={"cli_join": ","})
     api_keys_file: Path | None = Field(None, description="more keys, one per line ('#' starts a comment)")
     rate_limit_rps: float = Field(100.0, ge=0, description="requests per second per API key (0: no limit)")
     rate_limit_burst: float = Field(200.0, ge=1, description="requests a key may send at once")
@@ -38,7 +44,7 @@ class ServeSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
     ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
     kv_budget_mb: float | None = Field(None, gt=0, description="KV pool size (default: 1 GiB CPU, half the free GPU)")
-    kv_block_tokens: int = Field(64, ge=1)
+    kv_block_tokens: int = Field(64, ge=1, description="KV allocation unit (tokens)")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")
     max_draft: int = Field(32, ge=1, description="longest draft block accepted")
     max_sessions: int = Field(4096, ge=1, description="open sessions (idle ones are evicted beyond it)")
@@ -50,9 +56,10 @@ class ServeSettings(BaseSettings):
     fcfs_max_wait_ms: float = Field(10.0, ge=0, description="fcfs: longest wait before a partial batch runs")
     profile: Path | None = Field(None, description="estimator profile (default: next to the model, made if missing)")
     estimator_margin: float = Field(1.1, ge=1.0, description="safety factor on predicted verification time")
-    online_refit: bool = True
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "info"
+    online_refit: bool = Field(True, description="refit the estimator from live batches (else keep the "
+                                                 "profile's coefficients)")
+    log_format: Literal["text", "json"] = Field("text", description="server log lines as text or JSON")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log threshold")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeSettings":
@@ -62,3 +69,29 @@ class ServeSettings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"file not found: {path}")
         return self
+
+
+class ProfileOptions(BaseModel):
+    """`wisp-cloud profile`: where and how to time the verify forwards."""
+
+    model: Path = Field(DEFAULT_TARGET, description="target checkpoint directory")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when torch sees one, else cpu")
+    dtype: Dtype | None = Field(None, description="default: float32 on cpu, bfloat16 on cuda")
+    quick: bool = Field(False, description="a small grid (~10 s on two CPU cores for the 135M target)")
+    holdout: float = Field(0.25, description="fraction of configurations held out of the fit")
+    passes: int | None = Field(None, ge=1, description="timed sweeps over the grid; each configuration keeps its "
+                                                       "median (default: 3 quick, 5 full)")
+    seed: int = Field(0, description="the grid's random draws")
+    out: Path | None = Field(None, description="profile JSON (default: <model>/.wisp-profile-<device>-<dtype>"
+                                               "[-t<threads> on cpu].json)")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
+    progress: bool = Field(True, description="a progress bar (when tqdm is installed)")
+
+
+class PairOptions(DraftOptions):
+    """`wisp-cloud generate`: a drafter and the target in this process."""
+
+    model: Path = Field(DEFAULT_TARGET, description="target checkpoint directory")
+    threads: int | None = Field(None, ge=1, description="torch threads for the target (default: all cores)")
+    drafter_threads: int = Field(1, ge=1, description="drafter threads; one keeps llama.cpp's spinning pool off "
+                                                      "the target's cores")

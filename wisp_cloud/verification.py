@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from wisp_cloud.sampling import probs_from_logits
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 
 
 class InvalidDraftError(ValueError):

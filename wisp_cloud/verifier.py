@@ -15,7 +15,7 @@ import torch
 from wisp_cloud.model.kv_cache import KVCache
 from wisp_cloud.model.transformer import RaggedBatch, Transformer, commit
 from wisp_cloud.verification import InvalidDraftError, Verdict, dense_q, sample_token, verify_greedy, verify_sampled
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.sampling import SamplingParams
 
 
 class StalePositionError(ValueError):

@@ -20,12 +20,13 @@ from wisp_edge.client import HttpVerifier
 from wisp_edge.controller.policy import make_policy
 from wisp_edge.drafters import load_drafter
 from wisp_edge.drafters.base import Drafter
+from wisp_edge.drafters.counters import DrafterCounters
 from wisp_edge.engine import CommittedToken, DraftPolicy, GenerationStats, SpeculativeEngine
-from wisp_edge.openai_compat import TextModel
-from wisp_edge.protocol import VerifierUnavailable
-from wisp_edge.sampling import SamplingParams
+from wisp_edge.wire.openai import TextModel
+from wisp_edge.wire.protocol import VerifierUnavailable
+from wisp_edge.wire.sampling import SamplingParams
 from wisp_edge.settings import EdgeSettings
-from wisp_edge.vocab import VocabMismatchError, fingerprint
+from wisp_edge.wire.vocab import VocabMismatchError, fingerprint
 
 
 class EdgeMetrics:
@@ -84,6 +85,7 @@ class EdgeAgent:
         self.backend = backend or HttpVerifier(settings.server, api_key=settings.api_key,
                                                timeout_s=settings.timeout_s, max_wait_s=settings.max_wait_s)
         self.metrics = EdgeMetrics()
+        self.metrics.registry.register(DrafterCounters(self.drafter))  # prefill and prefix-reuse token counters
         self.info: dict | None = None
         self._lock = threading.Lock()
         self.last_stats = GenerationStats()

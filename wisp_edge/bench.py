@@ -11,7 +11,6 @@ starts on loopback.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -178,13 +177,3 @@ def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: in
                     + ("" if same else "  OUTPUT DIFFERS (lossless broken)"))
                 without = r
     return report
-
-
-def main(args, agent) -> int:
-    report = bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")], policies=args.policies.split(","),
-                   prompts=args.prompts, tokens=args.tokens, fixed_k=args.fixed_k, k_max=agent.settings.k_max,
-                   draft_ahead=args.compare_draft_ahead,
-                   out=(lambda _line: None) if args.json else print)
-    if args.json:
-        print(json.dumps(report))
-    return 0 if report["lossless"] else 1

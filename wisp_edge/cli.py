@@ -18,15 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-from wisp_edge.cli_args import add_generation_arguments, sampling_from_args
 from wisp_edge.client import VerifierError
-from wisp_edge.controller.policy import POLICIES
 from wisp_edge.drafters import SHIPPED_DRAFTERS, load_drafter, resolve_drafter_path
-from wisp_edge.vocab import fingerprint
+from wisp_edge.settings import EdgeSettings, load_settings
+from wisp_edge.wire.flags import add_flags, given
+from wisp_edge.wire.options import DraftOptions, add_request_flags, sampling_from_args
+from wisp_edge.wire.vocab import fingerprint
+
+SERVE_ONLY = ("host", "port", "max_waiting")  # settings that only `wisp-edge serve` takes as flags
+
+
+def _drafter_spec(args) -> str:
+    """--drafter, else the default; `draft` and `tokenize` read no settings."""
+    return DraftOptions(**given(args, DraftOptions)).drafter
 
 
 def _draft(args) -> int:
-    drafter = load_drafter(args.drafter, n_threads=args.threads)
+    drafter = load_drafter(_drafter_spec(args), n_threads=args.threads)
     ids = drafter.tokenize(args.prompt)
     drafter.reset(ids)
     drafter.logits()
@@ -42,7 +50,7 @@ def _draft(args) -> int:
 
 
 def _tokenize(args) -> int:
-    drafter = load_drafter(args.drafter, n_threads=1)
+    drafter = load_drafter(_drafter_spec(args), n_threads=1)
     print(json.dumps({"token_ids": drafter.tokenize(args.text), "vocab_size": drafter.vocab_size,
                       "vocab_fingerprint": fingerprint(drafter.token_pieces())}))
     return 0
@@ -55,33 +63,19 @@ def _drafters(args) -> int:
     return 0
 
 
-AGENT_FLAGS = ("server", "api_key", "drafter", "threads", "policy", "draft_length", "k_max", "allow_local",
-               "slo_tokens_per_s", "max_wait_s", "host", "port")
-
-
-def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
-    """Options that become EdgeSettings (flags > WISP_EDGE_* environment > config file)."""
-    p.add_argument("--config", help="TOML settings file (default $WISP_EDGE_CONFIG or ~/.config/wisp/edge.toml)")
-    p.add_argument("--server", help="the verifier's URL (default http://127.0.0.1:8000)")
-    p.add_argument("--api-key", help="the verifier's API key (or WISP_API_KEY)")
-    p.add_argument("--threads", type=int, help="drafter threads (default 1)")
-    p.add_argument("--policy", choices=POLICIES, help="speculation controller (default wisp)")
-    p.add_argument("--k-max", type=int, help="longest draft the controller may choose (default 16)")
-    p.add_argument("--allow-local", action="store_true", default=None,
-                   help="if the verifier is unreachable, continue with drafter-only tokens marked unverified")
-    p.add_argument("--slo", dest="slo_tokens_per_s", type=float, help="tokens/s to ask the verifier for")
-    p.add_argument("--max-wait-s", type=float, help="how long to retry an unreachable or busy verifier (default 60)")
+def _add_agent_flags(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    """The EdgeSettings flags (flags > WISP_EDGE_* environment > config file)."""
+    p.add_argument("--config", help="TOML settings file (default: $WISP_EDGE_CONFIG or ~/.config/wisp/edge.toml)")
+    add_flags(p, EdgeSettings, skip=() if serve else SERVE_ONLY)
 
 
 def _agent(args):
     from wisp_edge.agent import EdgeAgent
-    from wisp_edge.settings import load_settings
 
-    flags = {name: getattr(args, name, None) for name in AGENT_FLAGS}
-    if flags.get("draft_length") is not None and flags.get("policy") is None:
+    flags = given(args, EdgeSettings)
+    if "draft_length" in flags and "policy" not in flags:
         flags["policy"] = "fixed"  # -k alone means a fixed length
-    settings = load_settings(flags, getattr(args, "config", None))
-    return EdgeAgent(settings)
+    return EdgeAgent(load_settings(flags, getattr(args, "config", None)))
 
 
 def _stream_text(agent, tokens, *, show: bool):
@@ -173,64 +167,63 @@ def _serve(args) -> int:
 
 
 def _bench(args) -> int:
-    from wisp_edge.bench import main as bench_main
+    from wisp_edge.bench import bench
 
     agent = _agent(args)
     try:
-        return bench_main(args, agent)
+        report = bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")], policies=args.policies.split(","),
+                       prompts=args.prompts, tokens=args.tokens, fixed_k=args.fixed_k, k_max=agent.settings.k_max,
+                       draft_ahead=args.compare_draft_ahead, out=(lambda _line: None) if args.json else print)
     finally:
         agent.close()
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["lossless"] else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wisp-edge", description="WISP edge agent (device side)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("draft", help="greedy-decode with the drafter alone and report its speed")
-    p.add_argument("--drafter", default="q4")
+    add_flags(p, DraftOptions, only=("drafter",))
     p.add_argument("--prompt", required=True)
-    p.add_argument("-n", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-n", type=int, default=32, help="tokens to draft (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="drafter threads (default: llama.cpp's choice)")
     p.set_defaults(func=_draft)
     p = sub.add_parser("tokenize", help="token ids of a text, as the target's tokenizer produces them")
-    p.add_argument("--drafter", default="q4")
+    add_flags(p, DraftOptions, only=("drafter",))
     p.add_argument("text")
     p.set_defaults(func=_tokenize)
     sub.add_parser("drafters", help="list the shipped drafters").set_defaults(func=_drafters)
     p = sub.add_parser("generate", help="speculative decoding: draft here, verify on a WISP server")
-    add_generation_arguments(p, chat_help="a user message; the served model's chat template is applied")
-    _add_agent_arguments(p)
+    add_request_flags(p, chat_help="a user message; the served model's chat template is applied")
+    _add_agent_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     p.add_argument("--json-out", help="also write the result as JSON to this file")
     p.set_defaults(func=_generate)
     p = sub.add_parser("chat", help="a terminal chat through the verifier")
-    p.add_argument("--drafter", help="q4 (default) | student | ...")
-    p.add_argument("-k", "--draft-length", type=int)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    _add_agent_arguments(p)
+    add_request_flags(p, max_tokens=512)
+    _add_agent_flags(p)
     p.set_defaults(func=_chat)
     p = sub.add_parser("serve", help="a local OpenAI-compatible API for programs on this device")
-    p.add_argument("--drafter", help="q4 (default) | student | ...")
-    p.add_argument("-k", "--draft-length", type=int)
-    p.add_argument("--host", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8080)")
-    _add_agent_arguments(p)
+    _add_agent_flags(p, serve=True)
     p.set_defaults(func=_serve)
     p = sub.add_parser("bench", help="tokens/s and wasted drafting of each policy against the verifier")
-    p.add_argument("--drafter", help="q4 (default) | student | ...")
-    p.add_argument("--rtt", default="0", help="extra round trips to emulate, ms, comma-separated (default 0)")
-    p.add_argument("--policies", default="wisp,fixed,sled", help="policies to compare (default wisp,fixed,sled)")
-    p.add_argument("--fixed-k", type=int, default=4, help="k of the fixed policy (default 4)")
-    p.add_argument("--prompts", type=int, default=3, help="chat questions to run (at most 6)")
-    p.add_argument("--tokens", type=int, default=40, help="tokens per answer")
+    p.add_argument("--rtt", default="0", help="extra round trips to emulate, ms, comma-separated (default: 0)")
+    p.add_argument("--policies", default="wisp,fixed,sled", help="policies to compare (default: %(default)s)")
+    p.add_argument("--fixed-k", type=int, default=4, help="k of the fixed policy (default: %(default)s)")
+    p.add_argument("--prompts", type=int, default=3, help="chat questions to run, at most 6 (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=40, help="tokens per answer (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
     p.add_argument("--compare-draft-ahead", choices=("on", "off", "both"), default="on",
-                   help="drafting during verification: on (default), off, or both side by side")
-    _add_agent_arguments(p)
+                   help="drafting during verification: on, off, or both side by side (default: %(default)s)")
+    _add_agent_flags(p)
     p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -14,11 +14,12 @@ Bad requests (4xx) raise `VerifierRequestError` with the server's reason.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
-from wisp_edge.protocol import SessionStart, SessionStarted, VerifierUnavailable, VerifyRequest, VerifyResult
+from wisp_edge.wire.protocol import (SessionStart, SessionStarted, VerifierUnavailable, VerifyReply, VerifyRequest,
+                                     dump, load)
 
 RESEND_CODES = {"session_evicted", "unknown_session", "stale_position"}
 
@@ -114,37 +115,28 @@ class HttpVerifier:
             self._raise(response)
         return response.json()
 
-    def _open(self, start: SessionStart, *, prompt_ids: list[int], resume: bool) -> dict:
-        p = start.params
-        body = {"prompt_ids": list(prompt_ids), "resume": resume, "vocab_fingerprint": start.vocab_fingerprint,
-                "slo_tokens_per_s": start.slo_tokens_per_s,
-                "sampling": {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed}}
-        response = self._request("POST", "/v1/sessions", body)
+    def _open(self, start: SessionStart) -> SessionStarted:
+        response = self._request("POST", "/v1/sessions", dump(start))
         if response.status_code != 201:
             self._raise(response)
-        return response.json()
+        return load(SessionStarted, response.json())
 
     def start_session(self, request: SessionStart) -> SessionStarted:
-        reply = self._open(request, prompt_ids=request.prompt_ids, resume=False)
-        session_id = reply["session_id"]
-        self._sessions[session_id] = _Remote(session_id, request)
-        return SessionStarted(session_id, reply["first_token"], reply.get("prefill_ms", 0.0))
+        started = self._open(request)
+        self._sessions[started.session_id] = _Remote(started.session_id, request)
+        return started
 
-    def verify(self, request: VerifyRequest) -> VerifyResult:
+    def verify(self, request: VerifyRequest) -> VerifyReply:
         remote = self._sessions.get(request.session_id)
         if remote is None:
             raise VerifierError(f"session {request.session_id} was not opened by this client")
-        body = {"position": request.position, "round_id": request.round_id, "draft_ids": list(request.draft_ids),
-                "drafting_ms": max(0.0, request.drafting_ms), "rtt_ms": request.rtt_ms,
-                "q": None if request.q is None else [{"ids": list(ids), "probs": list(probs)}
-                                                     for ids, probs in request.q]}
+        body = dump(request.block)
         for _ in range(self.max_resumes + 1):
             response = self._request("POST", f"/v1/sessions/{remote.server_id}/verify", body)
             if response.status_code == 200:
-                r = response.json()
-                self.replays += bool(r.get("replayed"))
-                return VerifyResult(r["accepted"], r["token"], r["bonus"], r["verify_ms"], r["queue_ms"],
-                                    r.get("batch_size", 1), r.get("suggested_max_draft"))
+                reply = load(VerifyReply, response.json())
+                self.replays += reply.replayed
+                return reply
             code, _ = _error_of(response)
             if code not in RESEND_CODES or request.committed is None:
                 self._raise(response)
@@ -153,8 +145,7 @@ class HttpVerifier:
 
     def _resume(self, remote: _Remote, committed: list[int]) -> None:
         """Reopen the session from the edge's committed tokens; the server caches them and samples nothing."""
-        reply = self._open(remote.start, prompt_ids=committed, resume=True)
-        remote.server_id = reply["session_id"]
+        remote.server_id = self._open(replace(remote.start, prompt_ids=committed, resume=True)).session_id
         remote.resumes += 1
         self.resumes += 1
 

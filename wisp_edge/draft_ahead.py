@@ -4,7 +4,8 @@ Between sending a block and hearing back, the device would sit idle for a whole 
 keeps drafting as if every token in flight will be accepted: first a guess at the verifier's own token,
 then the next block. If the verifier accepts the whole block and its token equals the guess, the next
 block is already drafted and goes out at once; otherwise it is rolled back with the rest of the rejected
-tokens and counted as wasted drafting.
+tokens and counted as wasted drafting. Which tokens may start, and what is kept, the round plan decides
+(wisp_edge/round_plan.py); this module only overlaps the drafting with the call.
 
 Lossless: the kept tokens are ordinary drafts, each sent with the exact distribution q it was drawn from,
 and checked by the verifier like any other. Whether they are kept depends only on the guess and the
@@ -16,34 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
-from wisp_edge.protocol import VerifyRequest, VerifyResult
-
-
-@dataclass
-class DraftBlock:
-    """Drafted tokens with the sparse q each was drawn from (greedy: none) and the ms each took."""
-
-    tokens: list[int] = field(default_factory=list)
-    qs: list = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    stopped: bool = False  # the stop rule (or an EOS) ended it: do not draft past it
-
-    def add(self, token: int, q_sparse, ms: float) -> None:
-        self.tokens.append(token)
-        if q_sparse is not None:
-            self.qs.append(q_sparse)
-        self.times.append(ms)
-
-    def after_guess(self) -> DraftBlock:
-        """The block that follows the guessed verifier token (the first one drafted ahead)."""
-        return DraftBlock(self.tokens[1:], self.qs[1:], self.times[1:], self.stopped)
-
-
-# Draft one token at block index `index` (None: the guess of the verifier's token, which only an EOS stops):
-# (token, sparse q or None under greedy, ms it took, whether the block stops after it).
-DraftNext = Callable[[int | None], tuple[int, object, float, bool]]
+from wisp_edge.drafting import DraftBlock, Drafting
+from wisp_edge.round_plan import Round, RoundPlan
+from wisp_edge.wire.protocol import VerifyReply, VerifyRequest
 
 
 class AheadDrafter:
@@ -56,19 +33,16 @@ class AheadDrafter:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-verify")
 
-    def verify(self, verify: Callable[[VerifyRequest], VerifyResult], request: VerifyRequest, draft_next: DraftNext,
-               *, max_ahead: int, expected_ms: float | None = None,
-               token_ms: float | None = None) -> tuple[VerifyResult, float, DraftBlock]:
+    def verify(self, verify: Callable[[VerifyRequest], VerifyReply], request: VerifyRequest, drafting: Drafting,
+               plan: RoundPlan, rnd: Round) -> tuple[VerifyReply, float, DraftBlock]:
         """(the verifier's answer, the call's own wall time in ms, the tokens drafted meanwhile).
 
-        `max_ahead` counts the guess too. The stop rule sees the block after the guess from index 0, as a
-        normal round would. A token being drafted when the answer comes must be finished first (a drafter
-        step cannot be interrupted), so with `expected_ms` (the last round trip) and `token_ms` (the last
-        drafting speed) no token is started that would not end before the answer is expected.
+        The first token drafted is the guess; the stop rule sees the block after it from index 0, as a
+        normal round would.
         """
         finished_at: list[float] = []
 
-        def call() -> VerifyResult:
+        def call() -> VerifyReply:
             try:
                 return verify(request)
             finally:
@@ -78,15 +52,12 @@ class AheadDrafter:
         future: Future = self._pool.submit(call)
         block = DraftBlock()
         try:
-            while not future.done() and len(block.tokens) < max_ahead:
-                per_token = block.times[-1] if block.times else token_ms
-                if expected_ms is not None and per_token is not None and \
-                        (time.perf_counter() - started) * 1000 + per_token > expected_ms:
-                    break
-                token, q_sparse, ms, stop = draft_next(len(block.tokens) - 1 if block.tokens else None)
+            while not future.done() and plan.may_start_ahead(rnd, len(block.tokens),
+                                                             (time.perf_counter() - started) * 1000,
+                                                             block.times[-1] if block.times else None):
+                token, q_sparse, ms, block.stopped = drafting.next(len(block.tokens) - 1 if block.tokens else None)
                 block.add(token, q_sparse, ms)
-                if stop:
-                    block.stopped = True
+                if block.stopped:
                     break
         finally:
             wait([future])  # never leave a verify call running behind the caller's back

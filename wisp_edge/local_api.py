@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wisp_edge.agent import EdgeAgent
 from wisp_edge.client import VerifierError
-from wisp_edge.openai_compat import ApiError, ChatRequest, CompletionRequest, error_body, models_reply, respond
+from wisp_edge.wire.errors import ApiError, error_body
+from wisp_edge.wire.openai import ChatRequest, CompletionRequest, as_response, models_reply, respond
 
 log = logging.getLogger("wisp.edge.api")
 
@@ -41,6 +42,8 @@ def create_app(agent: EdgeAgent) -> FastAPI:
         return JSONResponse(error_body(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}"), 422)
 
     def tokens_for(prompt_ids: list[int], body):
+        params = body.sampling()  # a bad temperature is a 400 before the request waits its turn
+
         async def run(max_tokens: int):
             if waiting["n"] > agent.settings.max_waiting:
                 raise ApiError(429, "busy", f"{waiting['n']} requests are waiting for the drafter", retry_after=1)
@@ -50,7 +53,7 @@ def create_app(agent: EdgeAgent) -> FastAPI:
             finally:
                 waiting["n"] -= 1
             try:
-                async for token in agent.agenerate(prompt_ids, max_new_tokens=max_tokens, params=body.sampling()):
+                async for token in agent.agenerate(prompt_ids, max_new_tokens=max_tokens, params=params):
                     yield token
             finally:
                 turn.release()
@@ -87,13 +90,13 @@ def create_app(agent: EdgeAgent) -> FastAPI:
         text_model = await served_model()
         prompt_ids = agent.tokenize(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         echo = (body.prompt if isinstance(body.prompt, str) else decode(prompt_ids)) if body.echo else ""
-        return await respond("text", body, prompt_ids, text_model, tokens_for(prompt_ids, body), decode,
-                             echo_text=echo)
+        return as_response(await respond("text", body, prompt_ids, text_model, tokens_for(prompt_ids, body), decode,
+                                         echo_text=echo))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         text_model = await served_model()
         prompt_ids = agent.tokenize(text_model.render_chat([m.model_dump() for m in body.messages]))
-        return await respond("chat", body, prompt_ids, text_model, tokens_for(prompt_ids, body), decode)
+        return as_response(await respond("chat", body, prompt_ids, text_model, tokens_for(prompt_ids, body), decode))
 
     return app

@@ -15,6 +15,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from wisp_edge.controller.policy import POLICIES
+from wisp_edge.wire.options import DraftOptions
+
 DEFAULT_CONFIG = Path.home() / ".config" / "wisp" / "edge.toml"
 
 
@@ -23,20 +26,22 @@ def config_path() -> Path | None:
     return path if path.exists() else None
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(BaseSettings, DraftOptions):
+    """The agent's settings (`drafter` and `draft_length` from `DraftOptions`); each is a `wisp-edge` flag."""
+
     model_config = SettingsConfigDict(env_prefix="WISP_EDGE_", extra="forbid")
 
     server: str = Field("http://127.0.0.1:8000", description="the verifier's URL")
-    api_key: str | None = Field(None, validation_alias=AliasChoices("api_key", "WISP_EDGE_API_KEY", "WISP_API_KEY"))
-    drafter: str = Field("q4", description="q4 | student | student-f32 | student-onnx | a .gguf/.onnx path")
+    api_key: str | None = Field(None, validation_alias=AliasChoices("api_key", "WISP_EDGE_API_KEY", "WISP_API_KEY"),
+                                description="the verifier's API key (or WISP_API_KEY)")
     threads: int = Field(1, ge=1, description="drafter threads")
     n_ctx: int = Field(4096, ge=64, description="drafter context (tokens)")
-    policy: Literal["wisp", "sled", "fixed", "confidence", "entropy"] = Field(
-        "wisp", description="wisp: rejection predictor (or its fallback) + adaptive bound; sled: confidence 0.5, "
-                            "k_max 8; fixed: always draft_length")
-    draft_length: int = Field(6, ge=1, description="k for --policy fixed")
+    policy: Literal[POLICIES] = Field(
+        "wisp", description="speculation controller; wisp: rejection predictor (or its fallback) + adaptive bound; "
+                            "sled: confidence 0.5, k_max 8; fixed: always draft_length")
     k_max: int = Field(16, ge=1, description="the longest draft the controller may choose")
-    slo_tokens_per_s: float | None = Field(None, gt=0, description="the rate to ask the verifier for")
+    slo_tokens_per_s: float | None = Field(None, gt=0, description="the rate to ask the verifier for",
+                                           json_schema_extra={"cli_flags": ("--slo",)})
     decode_while_prefilling: bool = Field(True, description="let the verifier decode (empty drafts) while the "
                                                             "drafter prefills a long prompt, instead of waiting")
     draft_ahead: bool = Field(True, description="keep drafting while a block is being verified, guessing that it "

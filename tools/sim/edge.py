@@ -1,17 +1,17 @@
-"""A simulated edge device: wisp_edge/engine.py's round loop and wisp_edge/client.py's retries, on SimPy time.
+"""A simulated edge device: the edge round of wisp_edge/engine.py and wisp_edge/client.py's retries, on SimPy time.
 
 Speculative request (`speculative`): open a session (429/503: wait Retry-After, up to 60 s as the client
-does), receive the first token, prefill the drafter on the device, then rounds until the answer is done:
-  budget = min(policy.max_draft(), remaining - 1)              (SpeculativeEngine.generate)
-  while the drafter prefills (longer than SHORT_PREFILL_S), empty rounds: the server decodes one token each
-  draft token by token; after each, policy.stop_after_stats(index, stats of that token's distribution)
-  send the block; the server verifies it in some batch; the reply comes back over the network
-  rtt = the whole verify call; the network's share = rtt - queue - verify is reported next round
-  policy.observe(drafted, accepted, VerifyResult(...), rtt, per-token drafting ms)
-  with `draft_ahead` (wisp_edge/draft_ahead.py): during the round trip the device drafts a guess of the
-  verifier's token and the next block, as many tokens as fit (the one in progress when the reply comes is
-  finished first); if the block was accepted whole and the guess was right, that many tokens of the next
-  block cost no drafting time
+does), receive the first token, prefill the drafter on the device, then rounds until the answer is done.
+Every decision is the engine's own round plan (wisp_edge/round_plan.py): the budget, a cloud round (empty
+draft) while the drafter prefills longer than SHORT_PREFILL_S, whether to draft ahead during a round trip,
+how many tokens may start before the answer is expected, and whether the block drafted ahead is kept.
+What is simulated here is only what the device and the network would do:
+  drafting: token by token, policy.stop_after_stats(index, stats of that token's distribution) from the
+  acceptance model, each token's time from the device profile
+  the round trip: the block goes up, the server verifies it in some batch, the reply comes back; the verdict
+  is the acceptance model's; policy.observe(drafted, accepted, VerifyReply(...), rtt, per-token drafting ms)
+  drafting ahead (`draft_ahead`): tokens of the device's speed started during the round trip (the one in
+  progress when the reply comes is finished first); a kept block's tokens cost no drafting time next round
 An evicted or preempted session (410) is resumed with the committed tokens and the round is sent again.
 The policy is the production object (a new one per request, as `EdgeAgent.engine()` builds one per
 generation); only the drafter is replaced: its per-token statistics and the target's verdicts come from
@@ -33,8 +33,8 @@ from tools.sim.acceptance import RequestPath
 from tools.sim.devices import DeviceProfile
 from tools.sim.metrics import RequestRecord
 from tools.sim.server import Refused, SimServer
-from wisp_edge.engine import SHORT_PREFILL_S
-from wisp_edge.protocol import VerifyResult
+from wisp_edge.round_plan import SHORT_PREFILL_S, Round, RoundPlan
+from wisp_edge.wire.protocol import VerifyReply
 
 CLIENT_MAX_WAIT_S = 60.0  # HttpVerifier.max_wait_s
 
@@ -57,7 +57,7 @@ class Block:
 
 def draft_block(policy, path: RequestPath, cursor: int, budget: int, device: DeviceProfile, charge_predictor: bool,
                 rng: np.random.Generator) -> Block:
-    """SpeculativeEngine._draft with the drafter replaced by the path: one token at a time, the policy decides."""
+    """Drafting.block with the drafter replaced by the path: one token at a time, the policy decides."""
     first_rejection = None
     drafted = 0
     for index in range(budget):
@@ -99,6 +99,15 @@ def _open(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRe
         return session
 
 
+def ahead_started(plan: RoundPlan, rnd: Round, rtt_ms: float, token_ms: float) -> int:
+    """AheadDrafter.verify on simulated time: tokens of `token_ms` each, started while the call is out, as the
+    plan allows."""
+    n = 0
+    while n * token_ms <= rtt_ms and plan.may_start_ahead(rnd, n, n * token_ms, token_ms if n else None):
+        n += 1
+    return n
+
+
 def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: RequestRecord, path: RequestPath,
                 policy, charge_predictor: bool, drafter_prefill: str = "cloud", draft_ahead: bool = False):
     t_open = env.now
@@ -109,13 +118,14 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     rec.t_first = rec.t_last = env.now
     rec.tokens = 1
     rec.token_log.append((env.now, 1))
-    cursor, last_rtt_ms, ahead_free = 0, None, 0
+    plan = RoundPlan(rec.output_tokens)
+    cursor, ahead_free = 0, 0
     token_ms = dev.profile.draft_ms + (dev.profile.predictor_ms if charge_predictor else 0.0)
 
-    def round_trip(block: Block, ahead: bool = False):
-        """Send one block (drafting time first), resume the session if it was evicted, commit the reply.
-        `ahead`: the device drafts during the round trip; sets `ahead_free` for the next block."""
-        nonlocal session, cursor, last_rtt_ms, ahead_free
+    def round_trip(rnd: Round, block: Block):
+        """Send one block (drafting time first), resume the session if it was evicted, commit the reply;
+        drafts ahead during the round trip when the plan says so (sets `ahead_free` for the next block)."""
+        nonlocal session, cursor, ahead_free
         drafting_s = sum(block.times_ms[block.hidden:]) / 1000.0
         t0 = env.now + drafting_s
         while True:  # drafting and the uplink in one timeout: fewer events, same times
@@ -123,7 +133,7 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
                                                               True, dev.rng))
             drafting_s = 0.0
             try:
-                reply = yield server.verify(session, block.drafted, block.accepted, last_rtt_ms)
+                reply = yield server.verify(session, block.drafted, block.accepted, plan.net_ms)
             except Refused:
                 reply = {"error": 410}
             yield env.timeout(dev.link.one_way_s(net.VERIFY_DOWN, False, dev.rng))
@@ -136,17 +146,17 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
                 rec.failed = True
                 return False
         rtt_ms = (env.now - t0) * 1000.0
-        last_rtt_ms = max(0.0, rtt_ms - reply["verify_ms"] - reply["queue_ms"])
         accepted = reply["accepted"]
         ahead_free = 0
-        if ahead:  # AheadDrafter.verify: tokens started during the round trip, the last one finished after it
-            started = min(policy.max_draft() + 1, int(rtt_ms // token_ms) + 1)
-            yield env.timeout(max(0.0, started * token_ms - rtt_ms) / 1000.0)
+        if draft_ahead and plan.drafts_ahead(rec.tokens, rnd, block.drafted):
+            started = ahead_started(plan, rnd, rtt_ms, token_ms)
+            yield env.timeout(max(0.0, started * token_ms - rtt_ms) / 1000.0)  # the token in progress ends first
             guess = cursor + block.drafted
-            if accepted == block.drafted and guess < len(path) and path.accepted[guess]:
+            if plan.keep_ahead(block.drafted, accepted, started > 0 and guess < len(path) and path.accepted[guess]):
                 ahead_free = started - 1
-        result = VerifyResult(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
-                              reply["batch_size"], reply["suggested_max_draft"])
+        result = VerifyReply(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
+                             reply["batch_size"], reply["suggested_max_draft"])
+        plan.observe(rtt_ms, reply["verify_ms"], reply["queue_ms"], block.times_ms)
         policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
         rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms,
                       block.hidden)
@@ -158,14 +168,14 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
 
     # The engine prefills the drafter (prompt + first token) after the session opens. "cloud" (the engine's
     # default, decode_while_prefilling): a prefill longer than SHORT_PREFILL_S runs while the verifier decodes
-    # (empty drafts), then the drafter catches up on those tokens. "sequential": the device waits for it.
+    # (cloud rounds), then the drafter catches up on those tokens. "sequential": the device waits for it.
     # What-ifs: "overlapped" prefills the prompt while the server does; "free" costs nothing.
     prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
     if drafter_prefill == "cloud" and prefill_s > SHORT_PREFILL_S:
         prefill_end, decoded = env.now + prefill_s, 0
-        while env.now < prefill_end and rec.tokens < rec.output_tokens:
+        while env.now < prefill_end and not plan.finished(rec.tokens):
             before = rec.tokens
-            if not (yield from round_trip(Block(0, 0))):
+            if not (yield from round_trip(plan.next_round(rec.tokens, None), Block(0, 0))):
                 return
             decoded += rec.tokens - before
             rec.cloud_rounds += 1
@@ -174,14 +184,13 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
         prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
     elif drafter_prefill == "free":
         prefill_s = 0.0
-    if rec.tokens < rec.output_tokens:
+    if not plan.finished(rec.tokens):
         yield env.timeout(prefill_s)
-    while rec.tokens < rec.output_tokens:
-        budget = min(policy.max_draft(), rec.output_tokens - rec.tokens - 1)
-        block = draft_block(policy, path, cursor, budget, dev.profile, charge_predictor, dev.rng)
-        block.hidden = min(ahead_free, block.drafted)
-        room = rec.tokens + block.drafted + 1 < rec.output_tokens  # the engine drafts ahead only if a round follows
-        if not (yield from round_trip(block, ahead=draft_ahead and room)):
+    while not plan.finished(rec.tokens):
+        rnd = plan.next_round(rec.tokens, policy.max_draft(), ahead_free)
+        block = draft_block(policy, path, cursor, rnd.budget, dev.profile, charge_predictor, dev.rng)
+        block.hidden = min(rnd.reuse, block.drafted)
+        if not (yield from round_trip(rnd, block)):
             return
     server.close(session)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wisp_cloud.estimator import TimeEstimator
-from wisp_cloud.scheduler import FcfsScheduler, VerifyScheduler, WispScheduler
+from wisp_cloud.scheduler import FcfsScheduler, VerifyScheduler
+from wisp_cloud.wisp_scheduler import WispScheduler
 from wisp_edge.controller.bounds import DraftBound
 from wisp_edge.controller.policy import Controller, make_policy
 from wisp_edge.controller.predictor import PredictorPolicy, RejectionPredictor

@@ -17,7 +17,7 @@ import numpy as np
 from wisp_edge.controller.bounds import DraftBound
 from wisp_edge.controller.predictor import ConfidencePolicy, EntropyPolicy, policy_for
 from wisp_edge.engine import DraftPolicy, FixedLength
-from wisp_edge.protocol import VerifyResult
+from wisp_edge.wire.protocol import VerifyReply
 
 POLICIES = ("wisp", "sled", "fixed", "confidence", "entropy")
 
@@ -44,7 +44,7 @@ class Controller:
         """`stop_after` from `distribution_stats(logits)` already computed (used by the simulator)."""
         return self.stop_rule.stop_after_stats(index, stats)
 
-    def observe(self, drafted: int, accepted: int, result: VerifyResult, rtt_ms: float,
+    def observe(self, drafted: int, accepted: int, result: VerifyReply, rtt_ms: float,
                 drafting_ms: list[float]) -> None:
         self.stop_rule.observe(drafted, accepted, result, rtt_ms, drafting_ms)
         if self.bound is not None:

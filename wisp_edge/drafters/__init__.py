@@ -1,28 +1,14 @@
-"""On-device draft models behind one interface (`Drafter`), and how to find the shipped ones."""
+"""On-device draft models behind one interface (`Drafter`), loaded by shipped name or file path."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from wisp_edge.drafters.base import Drafter
+from wisp_edge.wire import paths
+from wisp_edge.wire.paths import SHIPPED_DRAFTERS, resolve_drafter_path
 
-MODELS_DIR = Path(os.environ.get("WISP_MODELS_DIR", Path(__file__).resolve().parents[2] / "models"))
-
-# Short names for the shipped drafters (files built by `python tools/build_models.py`).
-SHIPPED_DRAFTERS = {
-    "q4": "SmolLM2-135M-Instruct.Q4_1.gguf",  # the target's own 4-bit copy
-    "student": "student/student-q8_0.gguf",  # the distilled student
-    "student-f32": "student/student-f32.gguf",
-    "student-onnx": "student/student.onnx",
-}
-
-
-def resolve_drafter_path(spec: str | Path, models_dir: Path = MODELS_DIR) -> Path:
-    """A shipped short name or a path to a .gguf / .onnx file."""
-    if str(spec) in SHIPPED_DRAFTERS:
-        return models_dir / SHIPPED_DRAFTERS[str(spec)]
-    return Path(spec)
+MODELS_DIR = paths.models_dir()  # the rule in wisp_edge/wire/paths.py, applied once at import
 
 
 def load_drafter(spec: str | Path, *, models_dir: Path = MODELS_DIR, n_threads: int | None = None,

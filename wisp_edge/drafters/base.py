@@ -5,6 +5,10 @@ round. `logits()` evaluates whatever was appended since the last call and return
 next-token logits; `truncate(n)` rolls back to the first n tokens after a rejection. Choosing a
 token from the logits (and reporting q) belongs to the caller, so every backend samples from
 exactly the distribution it reports.
+
+`reset(tokens)` keeps the cache of the longest prefix the drafter has already evaluated (a chat
+client resends the whole conversation each turn), so only the new suffix is prefilled; backends
+count both in a `PrefillCounters` (`counters`), which the edge exports to Prometheus.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class Drafter(Protocol):
         ...
 
     def reset(self, tokens: list[int]) -> None:
-        """Start a new sequence (a prompt); nothing is evaluated until `logits()`."""
+        """Start a new sequence (a prompt), keeping the cache of its already evaluated prefix; nothing is
+        evaluated until `logits()`."""
         ...
 
     def append(self, token: int) -> None:
@@ -51,3 +56,39 @@ class Drafter(Protocol):
         ...
 
     def detokenize(self, ids: list[int]) -> str: ...
+
+
+def common_prefix_len(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(differ[0]) if differ.size else n
+
+
+class PrefillCounters:
+    """Tokens resets kept from the cache, and tokens the first evaluation after each reset prefilled."""
+
+    def __init__(self) -> None:
+        self.prefill_tokens = 0
+        self.prefix_reused_tokens = 0
+        self._pending = False
+
+    @staticmethod
+    def reusable(evaluated: list[int] | np.ndarray, tokens: list[int], *, logits_held: bool = False) -> int:
+        """Cache positions a reset to `tokens` may keep: the prefix shared with `evaluated` (the cache's
+        tokens), less its last token when the logits after it are not held, since the next draft reads
+        them (that token is then evaluated again)."""
+        n = common_prefix_len(evaluated, tokens)
+        if n == len(tokens) and not (logits_held and n == len(evaluated)):
+            n = max(n - 1, 0)
+        return n
+
+    def reset(self, kept: int) -> None:
+        self.prefix_reused_tokens += kept
+        self._pending = True
+
+    def evaluated(self, n: int) -> None:
+        """Called by every evaluation with the tokens it ran: the first after a reset is the prefill."""
+        if self._pending:
+            self.prefill_tokens += n
+            self._pending = False

@@ -4,7 +4,9 @@ Only the last position's logits are kept (``logits_all=False``), read straight f
 with ``llama_get_logits_ith(ctx, -1)``; sampling is done by the caller in numpy, never by
 ``Llama.sample()`` (whose default top-k/top-p/min-p would silently change q). Rollback sets
 ``Llama.n_tokens``: llama.cpp then overwrites the stale KV entries on the next eval, which gives
-bit-identical results to a fresh run.
+bit-identical results to a fresh run. A reset keeps the KV of the prefix it shares with what was
+evaluated and removes the positions after it (``llama_memory_seq_rm``), so a chat's next turn
+prefills only its new tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from wisp_edge.drafters.base import PrefillCounters
 
 DRAFTER_BUILD_HINT = "python tools/build_models.py"
 
@@ -37,6 +41,7 @@ class LlamaCppDrafter:
         self.name = name or model_path.stem
         self.model_path = model_path
         self._tokens: list[int] = []
+        self.counters = PrefillCounters()
 
     @property
     def vocab_size(self) -> int:
@@ -58,8 +63,15 @@ class LlamaCppDrafter:
         return list(self._tokens)
 
     def reset(self, tokens: list[int]) -> None:
-        self._tokens = list(tokens)
-        self._llm.n_tokens = 0
+        self._tokens = [int(t) for t in tokens]
+        llm = self._llm
+        keep = self.counters.reusable(llm.input_ids[:llm.n_tokens], self._tokens)
+        memory = self._lib.llama_get_memory(llm.ctx)
+        if not self._lib.llama_memory_seq_rm(memory, 0, keep, -1):  # a model whose cache cannot be cut
+            self._lib.llama_memory_clear(memory, True)
+            keep = 0
+        llm.n_tokens = keep
+        self.counters.reset(keep)
 
     def append(self, token: int) -> None:
         self._tokens.append(int(token))
@@ -80,6 +92,7 @@ class LlamaCppDrafter:
             evaluated -= 1
             self._llm.n_tokens = evaluated
         self._llm.eval(self._tokens[evaluated:])
+        self.counters.evaluated(len(self._tokens) - evaluated)
         ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).astype(np.float32, copy=True)
 

@@ -3,8 +3,9 @@
 For devices where llama.cpp is not an option. Edge-only dependencies: onnxruntime, tokenizers and
 numpy, never torch. The drafter keeps the cache itself as two numpy arrays and feeds only the
 tokens appended since the last evaluation; rollback is a slice of the cache, so a rejected draft
-costs nothing to undo. Tokenization uses the target's own ``tokenizer.json`` through the
-``tokenizers`` library, which is by construction identical to the target's tokenization.
+costs nothing to undo, and a reset keeps the cache of the prefix it shares with what was evaluated.
+Tokenization uses the target's own ``tokenizer.json`` through the ``tokenizers`` library, which is
+by construction identical to the target's tokenization.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wisp_edge.drafters.base import PrefillCounters
 from wisp_edge.drafters.llama_cpp import DRAFTER_BUILD_HINT
 
-ONNX_FORMAT = "wisp-llama-kv-v1"  # written by wisp_cloud.convert.hf_to_onnx
+ONNX_FORMAT = "wisp-llama-kv-v1"  # written by tools/build/convert/hf_to_onnx.py
 
 
 def _require(path: Path, what: str) -> None:
@@ -64,6 +66,7 @@ class OnnxDrafter:
         self._tokens: list[int] = []
         self._keys = self._values = self._empty  # [n_layers, n_kv_heads, evaluated, head_dim]
         self._last: np.ndarray | None = None  # [vocab] logits after all `evaluated` tokens
+        self.counters = PrefillCounters()
 
     @property
     def vocab_size(self) -> int:
@@ -89,9 +92,11 @@ class OnnxDrafter:
             self._last = None
 
     def reset(self, tokens: list[int]) -> None:
-        self._tokens = [int(t) for t in tokens]
-        self._keys = self._values = self._empty
-        self._last = None
+        tokens = [int(t) for t in tokens]
+        keep = self.counters.reusable(self._tokens[:self._evaluated], tokens, logits_held=self._last is not None)
+        self._tokens = tokens
+        self._cut_cache(keep)
+        self.counters.reset(keep)
 
     def append(self, token: int) -> None:
         self._tokens.append(int(token))
@@ -108,9 +113,11 @@ class OnnxDrafter:
         if len(self._tokens) > self._n_ctx:
             raise ValueError(f"sequence of {len(self._tokens)} tokens exceeds the drafter's context {self._n_ctx}")
         if self._evaluated == len(self._tokens) and self._last is not None:
+            self.counters.evaluated(0)
             return self._last.copy()
         if self._evaluated == len(self._tokens):  # rolled back onto a boundary: recompute the last token
             self._cut_cache(len(self._tokens) - 1)
+        self.counters.evaluated(len(self._tokens) - self._evaluated)
         while self._evaluated < len(self._tokens):
             start = self._evaluated
             ids = np.array([self._tokens[start:start + self._n_batch]], dtype=np.int64)  # [1, n]

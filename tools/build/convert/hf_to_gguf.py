@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_VOCAB_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from wisp_edge.wire.paths import SHIPPED_DRAFTERS, models_dir
+
+DEFAULT_VOCAB_GGUF = models_dir() / SHIPPED_DRAFTERS["q4"]
 OUT_TYPES = ("f32", "f16", "q8_0")
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # both are general.architecture "llama" in llama.cpp
 
@@ -66,7 +67,7 @@ def _encode_tensor(w: np.ndarray, out_type: str):
 
 def _add_weights(writer, model_dir: Path, args, out_type: str) -> dict:
     """Add every tensor under its GGUF name; returns counts for the report."""
-    from wisp_cloud.convert.layout import hf_to_gguf_name, permute_to_interleaved
+    from tools.build.convert.layout import hf_to_gguf_name, permute_to_interleaved
 
     counts = {"tensors": 0, "quantized": 0}
     seen = set()

@@ -3,7 +3,8 @@
 Both servers differ only in where tokens come from (the server decoding alone, or the edge's
 speculative engine) and how ids become text; everything else lives here once: request bodies,
 validation of the model id and the token budget, incremental detokenization with stop strings,
-the JSON replies and the server-sent events of a stream. No torch.
+the JSON replies and the server-sent events of a stream. No torch, and FastAPI only inside
+`as_response`, which the servers call: importing this module keeps an edge install light.
 """
 
 from __future__ import annotations
@@ -13,31 +14,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from wisp_edge.chat import render_chat
-from wisp_edge.sampling import SamplingParams
-from wisp_edge.text import IncrementalDecoder, StopMatcher
-
-
-class ApiError(Exception):
-    """A refusal with an HTTP status, a stable machine-readable code and a reason for humans."""
-
-    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None,
-                 **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.retry_after = retry_after
-        self.extra = extra
-
-
-def error_body(status: int, code: str, message: str, **extra: Any) -> dict:
-    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": code,
-                      **{k: v for k, v in extra.items() if v is not None}}}
+from wisp_edge.wire.chat import render_chat
+from wisp_edge.wire.errors import ApiError, error_body
+from wisp_edge.wire.sampling import SamplingParams, check_temperature
+from wisp_edge.wire.text import IncrementalDecoder, StopMatcher
 
 
 class _Generation(BaseModel):
@@ -63,7 +47,11 @@ class _Generation(BaseModel):
         return stops
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        """The generation's sampling settings; a temperature too small to sample at is a 400 (0 is greedy)."""
+        try:
+            return SamplingParams(check_temperature(self.temperature), self.top_k, self.top_p, self.seed)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
 
 
 class CompletionRequest(_Generation):
@@ -154,8 +142,9 @@ def sse(payload: dict) -> str:
 
 async def respond(kind: str, body: _Generation, prompt_ids: list[int], text_model: TextModel,
                   tokens: Callable[[int], AsyncIterator[int]], decode: Callable[[list[int]], str], *,
-                  echo_text: str = "") -> dict | StreamingResponse:
-    """The whole reply to a completion (`kind` "text") or chat ("chat") request.
+                  echo_text: str = "") -> dict | AsyncIterator[str]:
+    """The whole reply to a completion (`kind` "text") or chat ("chat") request: a JSON body, or
+    the server-sent events of a stream (see `as_response`).
 
     `tokens(max_tokens)` starts the generation; refusals it raises before the first token (admission,
     overload) surface as HTTP errors even when streaming, because the stream opens only after it.
@@ -189,8 +178,7 @@ async def respond(kind: str, body: _Generation, prompt_ids: list[int], text_mode
                 await parts.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return events()
     text, reason, produced = echo_text, None, 0
     async for delta, reason, produced in parts:
         text += delta
@@ -202,6 +190,17 @@ async def respond(kind: str, body: _Generation, prompt_ids: list[int], text_mode
                 "usage": usage}
     return {"id": rid, "object": "text_completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}], "usage": usage}
+
+
+def as_response(reply: dict | AsyncIterator[str]):
+    """What a route returns for `respond`'s reply: the JSON body as is, or the events as an SSE stream.
+    Starlette is imported here, not at module import, so the edge's engine never loads it."""
+    if isinstance(reply, dict):
+        return reply
+    from starlette.responses import StreamingResponse
+
+    return StreamingResponse(reply, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def models_reply(text_model: TextModel) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from wisp_cloud.distill.train import hidden_forward
+from tools.build.distill.train import hidden_forward
 from wisp_cloud.model.transformer import Transformer
 
 

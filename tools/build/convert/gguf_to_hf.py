@@ -55,7 +55,7 @@ def dequantized_state_dict(reader, config: dict) -> dict[str, np.ndarray]:
     """All tensors as float32 numpy arrays under Hugging Face names, Q/K back in rotate-half layout."""
     from gguf.quants import dequantize
 
-    from wisp_cloud.convert.layout import gguf_to_hf_name, permute_to_rotate_half
+    from tools.build.convert.layout import gguf_to_hf_name, permute_to_rotate_half
 
     state = {}
     for tensor in reader.tensors:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wisp_edge.drafters.onnx import ONNX_FORMAT as FORMAT  # metadata_props["wisp.format"]; the drafter checks it
+
 OPSET = 17
-FORMAT = "wisp-llama-kv-v1"  # metadata_props["wisp.format"]; the drafter checks it
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GiB: larger weights go to a side file
 
 
@@ -164,6 +165,7 @@ def build_onnx_model(model, *, all_logits: bool = False, source: str = ""):
          helper.make_tensor_value_info("present_keys", f32, [L, KV, "total_len", HD]),
          helper.make_tensor_value_info("present_values", f32, [L, KV, "total_len", HD])],
         initializer=g.inits)
+    # The producer keeps this module's former name: rebuilt files then match models/manifest.json's checksums.
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="wisp_cloud.convert.hf_to_onnx")
     proto.ir_version = 8  # readable by onnxruntime >= 1.10

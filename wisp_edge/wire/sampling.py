@@ -5,31 +5,40 @@ distribution a token is drawn from: the drafter reports that distribution as q, 
 verifier builds the target's p the same way (``wisp_cloud.sampling`` mirrors this in torch and
 is tested against it). Order: temperature -> softmax -> top-k -> top-p -> renormalise.
 Ties are broken by token id (lower id first), so the support is deterministic.
+`SamplingParams` is also the wire format of a session's sampling settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
+
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflows float64 for a subnormal T: 0 means greedy
 
 
-@dataclass(frozen=True)
+def check_temperature(temperature: float) -> float:
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature:g} is below {MIN_TEMPERATURE:g}: use 0 for greedy decoding")
+    return temperature
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SamplingParams:
-    """How the next token is chosen. temperature == 0 means greedy (argmax, lowest id on ties)."""
+    """How the next token is chosen. temperature == 0 means greedy (argmax, lowest id on ties).
 
-    temperature: float = 0.0
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1.0 disables
-    seed: int | None = None
+    A pydantic dataclass: the engine builds it positionally, the session API validates it as the
+    ``sampling`` object of a request body, and a bad value raises a ValueError either way."""
 
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description=f"0 = greedy, else at least {MIN_TEMPERATURE:g}")
+    top_k: int = Field(0, ge=0, description="0 disables")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 disables")
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
     @property
     def greedy(self) -> bool:

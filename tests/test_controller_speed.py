@@ -1,0 +1,132 @@
+"""The fast controller computes the same numbers as a straightforward float64 reference.
+
+`distribution_stats` (buffers reused per thread, the exp done by llama.cpp's SIMD kernel when it is
+installed, else by numpy) against softmax statistics computed the obvious way in float64, on random
+logits of several shapes and scales, on edge cases (ties, a gap past the cap, two logits) and on
+real drafter logits; and the per-token MLP (standardisation folded into the first layer) against
+the batch path `tools/train_predictor.py` evaluates with, on the shipped weights' held-out traces.
+Tolerances: top-1 and margin 1e-6 absolute (float32 rounding of the exponentials), entropy 3e-5
+nats, logit gap 1e-4, logit std 1e-4 relative; measured errors are 10x smaller.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import pytest
+
+from wisp_edge.controller.features import (MAX_LOGIT_GAP, DistributionStats, distribution_stats, ggml_softmax,
+                                           top1_prob)
+from wisp_edge.controller.predictor import PREDICTOR_DIR, RejectionPredictor
+
+TOL = dict(top1=1e-6, entropy=3e-5, margin=1e-6, gap=1e-4, std_rel=1e-4)
+
+
+def reference(logits: np.ndarray) -> tuple[float, float, float, float, float]:
+    """The five statistics the obvious way, in float64: softmax, -sum p log p, sorted top-2, np.std."""
+    x = np.asarray(logits, dtype=np.float64)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    entropy = -float(np.sum(p[p > 0] * np.log(p[p > 0])))
+    order = np.argsort(x)
+    top1, top2 = p[order[-1]], p[order[-2]]
+    gap = min(float(x[order[-1]] - x[order[-2]]), MAX_LOGIT_GAP)
+    return float(top1), entropy, float(top1 - top2), gap, float(np.std(x))
+
+
+def assert_close(got, want) -> None:
+    top1, entropy, margin, gap, std = got
+    assert abs(top1 - want[0]) <= TOL["top1"]
+    assert abs(entropy - want[1]) <= TOL["entropy"]
+    assert abs(margin - want[2]) <= TOL["margin"]
+    assert abs(gap - want[3]) <= TOL["gap"]
+    assert abs(std - want[4]) <= TOL["std_rel"] * max(want[4], 1e-3)
+
+
+def random_rows(rng: np.random.Generator, vocab: int) -> list[np.ndarray]:
+    """Flat, typical and peaked rows: normal logits at several scales, shifted far from 0, heavy-tailed."""
+    rows = [rng.normal(0, scale, vocab) + shift for scale in (0.1, 1.0, 3.0, 8.0) for shift in (0.0, -40.0, 25.0)]
+    rows.append(rng.standard_cauchy(vocab).clip(-60, 60))
+    peaked = rng.normal(0, 2.0, vocab)
+    peaked[rng.integers(vocab)] += 30.0
+    rows.append(peaked)
+    return [r.astype(np.float32) for r in rows]
+
+
+@pytest.fixture(params=["ggml", "numpy"])
+def stats_of(request):
+    """The product's `distribution_stats` (ggml when available) and the numpy-only path."""
+    if request.param == "ggml":
+        if ggml_softmax() is None:
+            pytest.skip("llama-cpp-python is not installed: the numpy path is the product path")
+        return distribution_stats
+    cache: dict[int, DistributionStats] = {}
+    return lambda logits: cache.setdefault(logits.shape[0], DistributionStats(logits.shape[0], use_ggml=False))(logits)
+
+
+@pytest.mark.parametrize("vocab", [2, 7, 1000, 49152])
+def test_random_logits_match_the_reference(stats_of, vocab):
+    rng = np.random.default_rng(vocab)
+    for row in random_rows(rng, vocab):
+        before = row.copy()
+        assert_close(stats_of(row), reference(row))
+        assert np.array_equal(row, before), "the caller's row is not modified"
+
+
+def test_edge_cases_match_the_reference(stats_of):
+    tie = np.array([1.0, 3.0, 3.0, -2.0], np.float32)  # two maxima: gap 0, margin 0
+    assert stats_of(tie)[3] == 0.0 and stats_of(tie)[2] == pytest.approx(0.0, abs=1e-7)
+    far = np.array([0.0, 80.0, -5.0], np.float32)  # the runner-up 80 below: gap capped, top-1 = 1
+    assert stats_of(far)[3] == MAX_LOGIT_GAP and stats_of(far)[0] == pytest.approx(1.0)
+    for row in (tie, far, np.zeros(5, np.float32), np.array([0.5, -0.5], np.float32)):
+        assert_close(stats_of(row), reference(row))
+    for row in (np.linspace(-3, 4, 64), np.linspace(-3, 4, 128, dtype=np.float32)[::2]):  # float64; strided
+        assert_close(stats_of(row), reference(row))
+
+
+def test_top1_prob_and_threads_agree_with_the_reference():
+    rows = random_rows(np.random.default_rng(5), 49152)
+    for row in rows:
+        assert abs(top1_prob(row) - reference(row)[0]) <= TOL["top1"]
+    with ThreadPoolExecutor(4) as pool:  # each thread has its own buffers
+        got = list(pool.map(distribution_stats, rows * 4))
+    for row, stats in zip(rows * 4, got):
+        assert_close(stats, reference(row))
+
+
+@pytest.fixture(scope="module")
+def real_rows():
+    """Next-token logits of the shipped 4-bit drafter along a short chat answer (skips without it)."""
+    from wisp_edge.drafters import MODELS_DIR, load_drafter, resolve_drafter_path
+
+    if not resolve_drafter_path("q4", MODELS_DIR).exists():
+        pytest.skip("models/ not built: run `python tools/build_models.py`")
+    drafter = load_drafter("q4", n_threads=1)
+    drafter.reset(drafter.tokenize("<|im_start|>user\nName three rivers.<|im_end|>\n<|im_start|>assistant\n"))
+    rows = []
+    for _ in range(12):
+        rows.append(drafter.logits())
+        drafter.append(int(np.argmax(rows[-1])))
+    drafter.close()
+    return rows
+
+
+def test_real_drafter_logits_match_the_reference(stats_of, real_rows):
+    for row in real_rows:
+        assert_close(stats_of(row), reference(row))
+
+
+@pytest.mark.parametrize("name", ["q4", "student"])
+def test_per_token_mlp_decides_like_the_batch_path_on_heldout_traces(name):
+    """Held-out rows of the shipped traces: the folded per-token MLP gives the batch path's probability
+    (1e-6) and the same stop decision on every row, so miss rate and recall are unchanged."""
+    from tools.bench_controller import heldout
+
+    data, weights = heldout(name), PREDICTOR_DIR / f"{name}.npz"
+    if data is None or not weights.exists():
+        pytest.skip("models/ not built")
+    predictor, x = RejectionPredictor.load(weights), data[0]
+    batch = predictor.p_reject_batch(x)
+    single = np.array([predictor.p_reject(row) for row in x])
+    assert len(x) > 500 and np.abs(single - batch).max() < 1e-6
+    assert np.array_equal(single >= predictor.tau, batch >= predictor.tau)

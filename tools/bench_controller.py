@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""What the speculation controller costs per drafted token, beside the drafter's own time per token.
+
+    python tools/bench_controller.py [--drafters q4,student] [--tokens 48] [--threads 1]
+
+For each drafter it drafts greedily along a few chat prompts as `wisp_edge.drafting` does and, for
+every drafted token, times the drafting (`drafter.logits()`, one token evaluated, then the greedy q
+and its argmax) and then one stop rule, rotating among three: `new` (the product's
+`PredictorPolicy.stop_after`, with llama.cpp's SIMD exp when installed), `numpy` (the product's
+numpy-only path, for a device without llama.cpp) and `old` (the code before this change, kept here
+only). "In engine order" times the rule right after the drafting, as the engine runs it (its code and
+buffers gone cold while the drafter evaluated); "warm" times each rule alone in a loop over the same
+logits (the steady state of a micro-benchmark). It also reports how far the new features are from the old ones, whether every stop
+decision agreed, and, on the held-out rounds of the shipped traces, the predictor's miss rate at the
+first rejection and recall of acceptable tokens through the batch path (what tools/train_predictor.py
+evaluates) and through the per-token path. Last, the drafter's prefill on each turn of a short chat
+(prefix reuse: tokens kept and prefilled, and the time against an empty cache). Writes --json-out
+(docs/results/controller/bench.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wisp_edge.controller.features import (MAX_LOGIT_GAP, BlockFeatures, DistributionStats,  # noqa: E402
+                                           distribution_stats, ggml_softmax)
+from wisp_edge.controller.predictor import PredictorPolicy, RejectionPredictor, load_predictor_for  # noqa: E402
+from wisp_edge.drafters import load_drafter  # noqa: E402
+from wisp_edge.wire.sampling import SamplingParams, probs_from_logits  # noqa: E402
+
+PROMPTS = ["Write a haiku about the sea.", "Explain what a hash table is in two sentences.",
+           "def fibonacci(n):\n    # complete this Python function"]
+TRACES = ROOT / "models" / "traces"
+
+
+def old_distribution_stats(logits: np.ndarray) -> tuple[float, float, float, float, float]:
+    """The features as computed before this change (for the comparison only)."""
+    top = int(np.argmax(logits))
+    z = logits - logits[top]
+    e = np.exp(z)
+    total = float(e.sum())
+    entropy = math.log(total) - float(np.dot(e, z)) / total
+    e[top] = 0.0
+    second = float(e.max())
+    top1 = 1.0 / total
+    gap = min(-math.log(second), MAX_LOGIT_GAP) if second > 0.0 else MAX_LOGIT_GAP
+    mean = float(z.sum()) / z.shape[0]
+    std = math.sqrt(max(float(np.dot(z, z)) / z.shape[0] - mean * mean, 0.0))
+    return top1, max(entropy, 0.0), top1 - second / total, gap, std
+
+
+class OldRule:
+    """The stop rule before this change: old features, then the MLP through `logit` on a [1, 7] matrix."""
+
+    def __init__(self, predictor: RejectionPredictor) -> None:
+        self.predictor, self.features = predictor, BlockFeatures()
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        row = self.features.from_stats(index, old_distribution_stats(logits))
+        return 0.5 * (1.0 + math.tanh(0.5 * float(self.predictor.logit(row.reshape(1, -1))[0]))) >= self.predictor.tau
+
+
+class NumpyRule(PredictorPolicy):
+    """The product's stop rule with the numpy exp (no llama.cpp kernel)."""
+
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+        if not hasattr(self, "_numpy_stats"):
+            self._numpy_stats = DistributionStats(logits.shape[0], use_ggml=False)
+        return self.stop_after_stats(index, self._numpy_stats(logits))
+
+
+def heldout(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Feature rows [n, 7] and labels [n] of the held-out rounds in models/traces/<name>.jsonl.gz."""
+    path = TRACES / f"{name}.jsonl.gz"
+    if not path.exists():
+        return None
+    rows, labels = [], []
+    with gzip.open(path, "rt") as f:
+        next(f)
+        for line in f:
+            prompt = json.loads(line)
+            for *_, block in prompt["rounds"] if prompt["split"] == "heldout" else []:
+                features = BlockFeatures()
+                rows += [features.from_stats(i, tuple(r[:5])) for i, r in enumerate(block)]
+                labels += [r[5] for r in block]
+    return np.stack(rows), np.asarray(labels)
+
+
+def stop_metrics(stops: np.ndarray, labels: np.ndarray) -> dict:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from train_predictor import stop_metrics as metrics  # torch: only imported here
+
+    return metrics(stops, labels)
+
+
+def heldout_report(name: str, predictor: RejectionPredictor) -> dict | None:
+    data = heldout(name)
+    if data is None:
+        return None
+    x, labels = data
+    batch = predictor.p_reject_batch(x) >= predictor.tau
+    single = np.array([predictor.p_reject(row) for row in x]) >= predictor.tau
+    return {"rows": int(len(x)), "batch_path": stop_metrics(batch, labels),
+            "per_token_path": stop_metrics(single, labels), "decisions_differ": int((batch != single).sum())}
+
+
+def percentiles(samples_ns: list[int]) -> dict:
+    ms = sorted(s / 1e6 for s in samples_ns)
+    return {"median_ms": round(statistics.median(ms), 4), "p10_ms": round(ms[len(ms) // 10], 4),
+            "mean_ms": round(statistics.fmean(ms), 4)}
+
+
+def prefill_per_turn(drafter, answer_tokens: int = 8) -> list[dict]:
+    """A chat of len(PROMPTS) turns as a client sends it (the whole conversation each turn): the tokens the
+    drafter prefills and the time, keeping its cache (prefix reuse) and from an empty cache."""
+    chat, turns = "", []
+    drafter.reset([])  # an empty cache to start from
+    for text in PROMPTS:
+        chat += f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        ids = drafter.tokenize(chat)
+        before = drafter.counters.prefill_tokens, drafter.counters.prefix_reused_tokens
+        t0 = time.perf_counter()
+        drafter.reset(ids)
+        drafter.logits()
+        kept_ms = (time.perf_counter() - t0) * 1000
+        prefilled, reused = (now - then for now, then in zip((drafter.counters.prefill_tokens,
+                                                              drafter.counters.prefix_reused_tokens), before))
+        drafter.reset([])
+        t0 = time.perf_counter()
+        drafter.reset(ids)
+        drafter.logits()
+        turns.append({"prompt_tokens": len(ids), "prefilled": prefilled, "reused": reused,
+                      "prefill_ms": round(kept_ms, 1),
+                      "prefill_ms_empty_cache": round((time.perf_counter() - t0) * 1000, 1)})
+        answer = []
+        for _ in range(answer_tokens):
+            answer.append(int(np.argmax(drafter.logits())))
+            drafter.append(answer[-1])
+        chat += drafter.detokenize(answer) + "<|im_end|>\n"
+    return turns
+
+
+def bench_drafter(spec: str, tokens: int, threads: int) -> dict:
+    drafter = load_drafter(spec, n_threads=threads)
+    predictor = load_predictor_for(drafter)
+    if predictor is None:
+        raise SystemExit(f"no predictor weights for {spec} in models/predictor: run tools/train_predictor.py")
+    rules = {"new": PredictorPolicy(predictor, k_max=8), "numpy": NumpyRule(predictor, k_max=8),
+             "old": OldRule(predictor)}
+    in_engine: dict[str, list[int]] = {name: [] for name in ("drafting", *rules)}
+    q, differ, worst, rows = np.zeros(1), 0, np.zeros(5), []
+    for text in PROMPTS:
+        drafter.reset(drafter.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"))
+        drafter.logits()  # the prefill is not drafting
+        for i in range(tokens // len(PROMPTS)):
+            t0 = time.perf_counter_ns()
+            logits = drafter.logits()
+            token = int(np.argmax(probs_from_logits(logits, SamplingParams())))  # as Drafting.next, greedy
+            in_engine["drafting"].append(time.perf_counter_ns() - t0)
+            # Only the first rule after the drafting is timed (as in the engine, where the stop rule runs
+            # once per token, its code and buffers gone cold during the drafter's evaluation); which
+            # rule goes first rotates. The others then run untimed, to compare the decisions.
+            first, *others = list(rules)[len(rows) % 3:] + list(rules)[:len(rows) % 3]
+            t0 = time.perf_counter_ns()
+            decisions = {rules[first].stop_after(i % 8, logits, q)}
+            in_engine[first].append(time.perf_counter_ns() - t0)
+            decisions |= {rules[name].stop_after(i % 8, logits, q) for name in others}
+            differ += len(decisions) > 1
+            worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), old_distribution_stats(logits))))
+            rows.append(logits)
+            drafter.append(token)
+    turns = prefill_per_turn(drafter)
+    drafter.close()
+    warm = {name: [] for name in rules}  # each rule alone in a loop over a few rows (they stay in cache)
+    for name, rule in rules.items():
+        for i, logits in enumerate(rows[:6] * 24):
+            t0 = time.perf_counter_ns()
+            rule.stop_after(i % 8, logits, q)
+            warm[name].append(time.perf_counter_ns() - t0)
+    names = ("top1_prob", "entropy", "margin", "logit_gap", "logit_std")
+    return {"drafter": spec, "drafted_tokens": len(rows), "drafting_per_token": percentiles(in_engine.pop("drafting")),
+            "controller_per_token": {name: percentiles(t) for name, t in in_engine.items()},
+            "controller_per_token_warm": {name: percentiles(t) for name, t in warm.items()},
+            "decisions_differ": differ,
+            "max_abs_feature_diff_new_vs_old": dict(zip(names, (float(f"{w:.3g}") for w in worst))),
+            "heldout": heldout_report(spec, predictor), "chat_prefill_per_turn": turns}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drafters", default="q4,student")
+    parser.add_argument("--tokens", type=int, default=48, help="drafted tokens per drafter (over 3 prompts)")
+    parser.add_argument("--threads", type=int, default=1, help="drafter threads (an edge core)")
+    parser.add_argument("--json-out", type=Path, default=ROOT / "docs" / "results" / "controller" / "bench.json")
+    args = parser.parse_args()
+    report = {"command": "python tools/bench_controller.py " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"load average {os.getloadavg()[0]:.1f} at start",
+              "exp_kernel": "ggml_vec_soft_max_f32" if ggml_softmax() else "numpy", "drafters": []}
+    print(f"{'drafter':10s} {'drafting':>9s} | controller, in engine order: {'new':>7s} {'numpy':>7s} {'old':>7s} "
+          f"| warm, in a loop: {'new':>7s} {'numpy':>7s} {'old':>7s}   (ms per drafted token, medians)")
+    for spec in args.drafters.split(","):
+        row = bench_drafter(spec, args.tokens, args.threads)
+        report["drafters"].append(row)
+        c, w = row["controller_per_token"], row["controller_per_token_warm"]
+        print(f"{spec:10s} {row['drafting_per_token']['median_ms']:9.3f} | {'':28s} {c['new']['median_ms']:7.4f} "
+              f"{c['numpy']['median_ms']:7.4f} {c['old']['median_ms']:7.4f} | {'':16s} {w['new']['median_ms']:7.4f} "
+              f"{w['numpy']['median_ms']:7.4f} {w['old']['median_ms']:7.4f}")
+        print(f"{'':10s} decisions differ on {row['decisions_differ']}/{row['drafted_tokens']} tokens; max |new - old| "
+              f"per feature: {row['max_abs_feature_diff_new_vs_old']}")
+        if row["heldout"]:
+            h = row["heldout"]
+            print(f"{'':10s} held-out ({h['rows']} rows): batch path {h['batch_path']}, per-token path "
+                  f"{h['per_token_path']}, decisions differ {h['decisions_differ']}")
+        print(f"{'':10s} chat turns, prompt / reused / prefilled tokens, prefill ms (empty cache ms): " + "; ".join(
+            f"{t['prompt_tokens']}/{t['reused']}/{t['prefilled']}, {t['prefill_ms']} ({t['prefill_ms_empty_cache']})"
+            for t in row["chat_prefill_per_turn"]))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
