@@ -43,7 +43,7 @@ def main() -> int:
     with LiveServer("--threads", str(args.server_threads), "--log-level", "warning",
                     log_path=Path("/tmp/wisp-bench-edge-server.log")) as server:
         for name in args.drafters.split(","):
-            agent = EdgeAgent(EdgeSettings(server=server.url, drafter=name))
+            agent = EdgeAgent(EdgeSettings(server=server.url, drafter=name, state_cache=0))
             print(f"\n== drafter {name}", flush=True)
             try:
                 reports.append(bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")],

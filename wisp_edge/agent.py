@@ -81,7 +81,8 @@ class EdgeAgent:
     def __init__(self, settings: EdgeSettings, *, drafter: Drafter | None = None,
                  backend: HttpVerifier | None = None) -> None:
         self.settings = settings
-        self.drafter = drafter or load_drafter(settings.drafter, n_threads=settings.threads)
+        self.drafter = drafter or load_drafter(settings.drafter, n_threads=settings.threads, n_ctx=settings.n_ctx,
+                                               state_cache=settings.state_cache)
         self.backend = backend or HttpVerifier(settings.server, api_key=settings.api_key,
                                                timeout_s=settings.timeout_s, max_wait_s=settings.max_wait_s)
         self.metrics = EdgeMetrics()

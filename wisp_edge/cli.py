@@ -25,7 +25,7 @@ from wisp_edge.wire.flags import add_flags, given
 from wisp_edge.wire.options import DraftOptions, add_request_flags, sampling_from_args
 from wisp_edge.wire.vocab import fingerprint
 
-SERVE_ONLY = ("host", "port", "max_waiting")  # settings that only `wisp-edge serve` takes as flags
+SERVE_ONLY = ("host", "port", "max_waiting", "state_cache")  # settings that only `wisp-edge serve` takes as flags
 
 
 def _drafter_spec(args) -> str:
@@ -75,6 +75,8 @@ def _agent(args):
     flags = given(args, EdgeSettings)
     if "draft_length" in flags and "policy" not in flags:
         flags["policy"] = "fixed"  # -k alone means a fixed length
+    if args.command != "serve":
+        flags["state_cache"] = 0  # one conversation at a time (a bench must not reuse one run's caches in the next)
     return EdgeAgent(load_settings(flags, getattr(args, "config", None)))
 
 

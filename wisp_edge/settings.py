@@ -53,6 +53,9 @@ class EdgeSettings(BaseSettings, DraftOptions):
     host: str = Field("127.0.0.1", description="wisp-edge serve: listen address")
     port: int = Field(8080, ge=0, le=65535, description="wisp-edge serve: port")
     max_waiting: int = Field(16, ge=0, description="wisp-edge serve: requests waiting for the drafter before 429")
+    state_cache: int = Field(4, ge=0, description="wisp-edge serve: other conversations whose drafter cache is "
+                                                  "kept, so interleaved clients prefill only their new message "
+                                                  "(0: only the last conversation's)")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

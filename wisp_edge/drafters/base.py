@@ -66,18 +66,24 @@ def common_prefix_len(a: list[int] | np.ndarray, b: list[int] | np.ndarray) -> i
 
 
 class PrefillCounters:
-    """Tokens resets kept from the cache, and tokens the first evaluation after each reset prefilled."""
+    """Tokens resets kept from the cache, and tokens the first evaluation after each reset prefilled.
+
+    `reuse_prefix = False` makes every reset start from an empty cache, as before prefix reuse: the
+    multi-turn benchmark's baseline (tools/bench_multiturn.py).
+    """
 
     def __init__(self) -> None:
         self.prefill_tokens = 0
         self.prefix_reused_tokens = 0
+        self.reuse_prefix = True
         self._pending = False
 
-    @staticmethod
-    def reusable(evaluated: list[int] | np.ndarray, tokens: list[int], *, logits_held: bool = False) -> int:
+    def reusable(self, evaluated: list[int] | np.ndarray, tokens: list[int], *, logits_held: bool = False) -> int:
         """Cache positions a reset to `tokens` may keep: the prefix shared with `evaluated` (the cache's
         tokens), less its last token when the logits after it are not held, since the next draft reads
         them (that token is then evaluated again)."""
+        if not self.reuse_prefix:
+            return 0
         n = common_prefix_len(evaluated, tokens)
         if n == len(tokens) and not (logits_held and n == len(evaluated)):
             n = max(n - 1, 0)
