@@ -22,6 +22,7 @@ from tests.live_server import LiveServer
 from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.client import HttpVerifier
 from wisp_edge.engine import FixedLength, SpeculativeEngine
+from tests.results import record
 
 QUESTION = "Explain how a rainbow forms, step by step."
 MAX_TOKENS = 56
@@ -101,6 +102,8 @@ def test_network_faults_and_an_eviction_cost_latency_never_tokens(tmp_path, prof
         SURVIVED.update({f"proxy {k}": v for k, v in counts.items() if k != "connections"})
         SURVIVED["eviction"] = 1
         print(f"\ninjected {injected}; edge reports {faults_seen}; proxy {dict(counts)}")
+        record("faults", network={"injected": injected, "edge_reports": faults_seen, "proxy": dict(counts),
+                                  "identical": True})
 
 
 def test_sigkill_mid_generation_then_restart_on_the_same_port(tmp_path, profile_path, q4_pair):  # noqa: F811
@@ -141,5 +144,7 @@ def test_sigkill_mid_generation_then_restart_on_the_same_port(tmp_path, profile_
         assert faults["retries"] >= 1 and faults["resumes"] == 1, faults
         SURVIVED["sigkill + restart"] = 1
         print(f"\nSIGKILL after round {killed_after}; edge reports {faults}; all faults survived: {SURVIVED}")
+        record("faults", sigkill={"killed_after_round": killed_after, "edge_reports": dict(faults),
+                                  "identical": True})
     finally:
         server.stop()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.live_server import LiveServer, tiny_checkpoint
+from tests.results import record
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,6 +48,8 @@ def server(tmp_path_factory):
                     "--kv-budget-mb", "64", log_path=log, api_key=KEY) as live:
         live.baseline_rss = live.rss_bytes()
         yield live
+        record("fuzz", cases=dict(CASES), total=sum(CASES.values()), rss_before_mib=live.baseline_rss / 2**20,
+               rss_after_mib=live.rss_bytes() / 2**20, open_fds=live.open_fds())
         print(f"\nfuzz cases tried: {CASES} (total {sum(CASES.values())}); server RSS "
               f"{live.baseline_rss / 2**20:.0f} -> {live.rss_bytes() / 2**20:.0f} MiB, {live.open_fds()} fds")
 

@@ -18,6 +18,7 @@ import httpx
 from tests.live_server import LiveServer
 from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
+from tests.results import record
 
 CLIENTS = 40  # the burst: each opens a session at once, then runs ROUNDS verify rounds
 ROUNDS, K = 6, 3
@@ -121,6 +122,11 @@ def test_a_burst_is_refused_up_front_admitted_sessions_are_served_and_the_server
         after = _burst_of_one(server.url, prompt, greedy)
         assert after["status"] == 201 and after["rounds"] == [200] * ROUNDS, after
         assert after["rate"] >= min(SLO, 0.5 * alone["rate"]), (after, alone)
+        record("overload", clients=CLIENTS, burst_s=burst_s, admitted=len(admitted), refused=len(refused),
+               refusal_codes=sorted({r["error"]["code"] for r in refused}), slo_tokens_per_s=SLO,
+               share_at_slo=met, median_tokens_per_s=statistics.median(rates), alone_tokens_per_s=alone["rate"],
+               kv_peak_mib=max(sampler.kv) / 2**20, kv_budget_mib=KV_BUDGET_MB, rss_growth_mib=rss_growth / 2**20,
+               queue_peak=max(sampler.queue), after_tokens_per_s=after["rate"])
         print(f"\nburst of {CLIENTS} in {burst_s:.1f} s: {len(admitted)} admitted ({met:.0%} at >= {SLO} tok/s, "
               f"median {statistics.median(rates):.1f} tok/s; alone {alone['rate']:.1f}), {len(refused)} refused "
               f"{sorted({r['error']['code'] for r in refused})}; KV peak {max(sampler.kv) / 2**20:.1f} of "

@@ -24,6 +24,14 @@ def test_the_budget_is_the_policy_bound_cut_to_the_tokens_left():
     assert [plan.next_round(1, 4).number for _ in range(2)] == [4, 5]
 
 
+def test_the_budget_never_exceeds_the_longest_block_the_server_takes():
+    """SessionStarted.max_draft: a fixed -k above it would otherwise be refused (422) every round."""
+    plan = RoundPlan(max_new_tokens=100, server_max_draft=32)
+    rnd = plan.next_round(1, 40)
+    assert rnd.budget == 32 and rnd.ahead_limit == 33
+    assert RoundPlan(max_new_tokens=100).next_round(1, 40).budget == 40  # no bound announced: the policy's
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_rounds_never_overshoot_the_answer(seed):
     rng = np.random.default_rng(seed)

@@ -24,6 +24,7 @@ from tests.live_server import LiveServer
 from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.client import HttpVerifier
 from wisp_edge.engine import FixedLength, SpeculativeEngine
+from tests.results import record
 
 SOAK_S = float(os.environ.get("WISP_SOAK_S", "60"))
 WARMUP_FRACTION = 0.35
@@ -123,6 +124,10 @@ def test_soak_many_sessions_without_growth_in_memory_or_file_descriptors(tmp_pat
               f"{rss_trend / 2**20:+.1f} MiB over {span_s:.0f} s), fds {fds_first:.0f} -> {fds_last:.0f} (trend "
               f"{fd_trend:+.1f}); server: {health['sessions']} sessions open, {health['kv_evictions']} evictions")
     print("\n" + report)
+    record("soak", seconds=SOAK_S, iterations=i, sessions=sessions, counts=dict(counts),
+           rss_first_mib=rss_first / 2**20, rss_last_mib=rss_last / 2**20, rss_trend_mib=rss_trend / 2**20,
+           fds_first=fds_first, fds_last=fds_last, server_sessions_open=health["sessions"],
+           kv_evictions=health["kv_evictions"])
     print("samples (s, MiB, fds):", [(round(t), round(rss / 2**20, 1), fds) for t, rss, fds in samples[::5]])
     assert counts["compared"] >= len(QUESTIONS), report
     assert rss_trend < RSS_TOLERANCE and rss_last - rss_first < RSS_TOLERANCE, report

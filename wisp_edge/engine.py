@@ -116,6 +116,7 @@ class SpeculativeEngine:
             yield from self._local_only(drafting, plan, start)
             return
         stats.prefill_ms = started.prefill_ms
+        plan.server_max_draft = started.max_draft or None
         committed = [*prompt_ids, started.first_token]
         prefill = ahead = None
         try:

@@ -35,6 +35,7 @@ class RoundPlan:
     net_ms: float | None = None  # the network's share of the last round trip, reported with the next block
     call_ms: float | None = None  # the last verify call's wall time: when the next answer is expected
     token_ms: float | None = None  # the last round's drafting time per token
+    server_max_draft: int | None = None  # the longest block the verifier takes (SessionStarted.max_draft)
 
     def finished(self, new_tokens: int) -> bool:
         return new_tokens >= self.max_new_tokens
@@ -49,6 +50,8 @@ class RoundPlan:
         self.rounds += 1
         if max_draft is None:
             return Round(self.rounds, 0, True)
+        if self.server_max_draft:  # a longer block would be refused (422) every round
+            max_draft = min(max_draft, self.server_max_draft)
         budget = min(max_draft, self.max_new_tokens - new_tokens - 1)
         return Round(self.rounds, budget, False, min(ahead, max(budget, 0)), max_draft + 1)
 

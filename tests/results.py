@@ -1,0 +1,23 @@
+"""What a test measured, written to a results file when asked (`WISP_RESULTS_DIR`), so the README's
+reliability figures come from a file a command wrote, not from a console log. A plain test run writes
+nothing; `python tools/reliability.py` sets the folder and runs the tests that record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def record(name: str, **figures: Any) -> None:
+    """Merge `figures` into `<WISP_RESULTS_DIR>/<name>.json` (nothing when the variable is unset)."""
+    folder = os.environ.get("WISP_RESULTS_DIR")
+    if not folder:
+        return
+    path = Path(folder) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(figures)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
