@@ -1,7 +1,10 @@
 """The speculation controller: features by hand, the numpy MLP against torch, where each policy stops,
-weights refused for another drafter, and end to end a stop rule that changes draft lengths only."""
+weights refused for another drafter, the stop rule overlapped with the drafter's next evaluation, and end
+to end a stop rule that changes draft lengths only."""
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from wisp_edge.controller import (FEATURE_NAMES, BlockFeatures, ConfidencePolicy
                                   RejectionPredictor, distribution_stats, load_predictor_for, policy_for)
 from wisp_edge.controller.predictor import PREDICTOR_DIR, file_sha256
 from wisp_edge.drafters import resolve_drafter_path
+from wisp_edge.wire.sampling import SamplingParams
 
 F = len(FEATURE_NAMES)
 NO_Q = np.zeros(1)
@@ -192,3 +196,89 @@ def test_controller_imports_without_torch():
     code = "import sys, wisp_edge.controller; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+class WatchedDrafter:
+    """A bigram drafter whose evaluations can be watched: `started(n)` waits for one of the first n tokens."""
+
+    def __init__(self, vocab: int = 9, seed: int = 2) -> None:
+        from tiny_models import TableDrafter
+
+        self.inner, self.changed, self.evaluating = TableDrafter(vocab, seed), threading.Condition(), 0
+        self.name, self.vocab_size = "watched", vocab
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def started(self, n: int) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.evaluating == n, timeout=0.05)
+
+    def logits(self):
+        with self.changed:
+            self.evaluating = len(self.inner.tokens)
+            self.changed.notify_all()
+        time.sleep(0.005)  # a drafter's evaluation takes a while; the rule may run meanwhile
+        return self.inner.logits()
+
+
+class WatchingRule(ConfidencePolicy):
+    """SLED's rule that also records whether the drafter was evaluating the next token as it decided."""
+
+    def __init__(self, drafter: WatchedDrafter) -> None:
+        super().__init__(threshold=0.4, k_max=6)
+        self.drafter, self.overlapped = drafter, []
+
+    def stop_after(self, index, logits, q):
+        self.overlapped.append(self.drafter.started(len(self.drafter.tokens)))  # the token just drawn
+        return super().stop_after(index, logits, q)
+
+
+def test_overlap_runs_the_rule_during_the_next_evaluation_and_drafts_the_same():
+    """With `overlap` the stop rule decides while the drafter evaluates the token just drawn; the tokens,
+    their q and the stop decisions are those of the plain order, and a rollback waits for the evaluation."""
+    from wisp_edge.drafting import Drafting
+    from wisp_edge.wire.sampling import SamplingParams
+
+    results = {}
+    for mode in (False, True):
+        drafter = WatchedDrafter()
+        drafter.reset([1, 2])
+        rule = WatchingRule(drafter)
+        drafting = Drafting(drafter, rule, {8}, SamplingParams(temperature=0.9, seed=4), overlap=mode)
+        out = []
+        for step in range(12):
+            token, q, _, stop = drafting.next(step % 4)
+            out.append((token, q, stop))
+            if stop and step % 2:
+                drafting.rollback(len(drafter.tokens) - 1, 3)  # drop the last draft: waits for the evaluation
+                assert drafter.tokens[-1] == 3
+        drafting.close()
+        results[mode] = out, rule.overlapped
+    assert results[False][0] == results[True][0]
+    assert all(results[True][1]) and not any(results[False][1])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=3)], ids=["greedy", "t0.8"])
+def test_engine_with_overlap_keeps_the_answer_and_the_rounds(params):
+    """The engine overlaps a stop rule with the drafter's next evaluation: the answer (greedy: the target's) and
+    every round's draft length are those of the plain order."""
+    from tiny_models import TorchDrafter, tiny_target
+    from wisp_cloud.inprocess import InProcessVerifier
+    from wisp_cloud.verifier import Verifier
+    from wisp_edge.engine import SpeculativeEngine
+
+    model = tiny_target(vocab=11, seed=6)
+
+    def run(overlap: bool):
+        eng = SpeculativeEngine(TorchDrafter(tiny_target(vocab=11, seed=7)), InProcessVerifier(Verifier(model)),
+                                ConfidencePolicy(0.6, k_max=5), decode_while_prefilling=False, draft_ahead=False,
+                                overlap_stop_rule=overlap)
+        got = [t.id for t in eng.generate([4, 1, 2], max_new_tokens=24, params=params)]
+        return got, [r.drafted for r in eng.stats.rounds]
+
+    plain, overlapped = run(False), run(True)
+    assert overlapped == plain
+    assert min(plain[1]) < 5, "the rule did stop some blocks early"
+    if params.greedy:
+        assert plain[0] == generate(model, [4, 1, 2], max_new_tokens=24)

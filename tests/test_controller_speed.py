@@ -1,10 +1,11 @@
 """The fast controller computes the same numbers as a straightforward float64 reference.
 
 `distribution_stats` (buffers reused per thread, the exp done by llama.cpp's SIMD kernel when it is
-installed, else by numpy) against softmax statistics computed the obvious way in float64, on random
-logits of several shapes and scales, on edge cases (ties, a gap past the cap, two logits) and on
-real drafter logits; and the per-token MLP (standardisation folded into the first layer) against
-the batch path `tools/train_predictor.py` evaluates with, on the shipped weights' held-out traces.
+installed, else by numpy) against softmax statistics computed the obvious way in
+float64, on random logits of several shapes and scales, on edge cases (ties, a gap past the cap, two
+logits) and on real drafter logits; and the per-token MLP (standardisation and biases folded into the
+weights) and the policy's own feature rows against the batch path `tools/train_predictor.py` evaluates
+with, on the shipped weights' held-out traces.
 Tolerances: top-1 and margin 1e-6 absolute (float32 rounding of the exponentials), entropy 3e-5
 nats, logit gap 1e-4, logit std 1e-4 relative; measured errors are 10x smaller.
 """
@@ -130,3 +131,19 @@ def test_per_token_mlp_decides_like_the_batch_path_on_heldout_traces(name):
     single = np.array([predictor.p_reject(row) for row in x])
     assert len(x) > 500 and np.abs(single - batch).max() < 1e-6
     assert np.array_equal(single >= predictor.tau, batch >= predictor.tau)
+
+
+@pytest.mark.parametrize("name", ["q4", "student"])
+def test_policy_builds_the_rows_the_batch_path_reads(name):
+    """`PredictorPolicy` writes each token's row into its scorer's buffer itself (no `BlockFeatures` row):
+    on the held-out traces it stops exactly where the batch path over `BlockFeatures` rows says to."""
+    from tools.bench_controller import heldout
+    from wisp_edge.controller.predictor import PredictorPolicy
+
+    data, weights = heldout(name), PREDICTOR_DIR / f"{name}.npz"
+    if data is None or not weights.exists():
+        pytest.skip("models/ not built")
+    predictor, x = RejectionPredictor.load(weights), data[0]
+    policy = PredictorPolicy(predictor, k_max=8)
+    stops = [policy.stop_after_stats(int(row[5]), tuple(float(v) for v in row[:5])) for row in x]
+    assert np.array_equal(np.array(stops), predictor.p_reject_batch(x) >= predictor.tau)

@@ -30,6 +30,25 @@ def test_prompt_split_is_deterministic_and_disjoint(monkeypatch):
     assert all(pr.is_heldout(p) for p in held1)
 
 
+def test_test_split_is_disjoint_from_validation_and_never_trained(monkeypatch):
+    """The test split (reported only) shares no source text with the validation split or training."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_student", Path(__file__).parents[1] / "tools/train_student.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    docs = [(f"mod.f{i}", f"Function number {i} does a distinct documented thing, carefully. " * 2)
+            for i in range(3000)]
+    monkeypatch.setattr(pr, "pydoc_snippets", lambda: docs)
+    monkeypatch.setattr(pr, "file_snippets", lambda root, max_per_file=6: [])
+    prompts = pr.build_prompts()
+    train, val = pr.split_prompts(prompts, n_heldout=20, seed=0)
+    test = ts.test_prompts(prompts, val, 20, seed=0)
+    assert len(test) == 20 and test == ts.test_prompts(prompts, val, 20, seed=0)
+    assert all(pr.is_heldout(p) for p in test)
+    hashes = {p.text_hash for p in test}
+    assert not hashes & {p.text_hash for p in val} and not hashes & {p.text_hash for p in train}
+
+
 def test_acceptance_arithmetic():
     m = [True, True, False, True, True, True, False, False, True]
     # k=2: round@0 a=2 -> next 3; @3 a=2 -> 6; @6 a=0 -> 7; @7 a=0 -> 8; @8 a=1 (end, no bonus)
@@ -104,3 +123,16 @@ def test_pipeline_data_train_assemble(tmp_path):
     assert torch.allclose(hf_logits, ref, atol=1e-4)
     matches = ev.match_vectors(loaded, recs)
     assert [len(m) for m in matches] == [len(x["ids"]) - x["n_prompt"] for x in recs]
+
+    # Continued training from the committed files: evaluated before the first step, so only weights
+    # that beat the starting point are ever saved.
+    cont = tr.load_student(out, tmp_path / "target").train()
+    cont.embed_tokens.weight.requires_grad_(False)
+    start = ev.agreement(matches)
+    saved = []
+    st2 = tr.train(cont, ex, tmp_path / "ckpt2.pt", minutes=None, tokens=100, max_tokens=64, lr=1e-3,
+                   eval_fn=lambda m: ev.agreement(ev.match_vectors(m, recs)), eval_every_min=1e9,
+                   on_improve=lambda m, agree, state: saved.append(agree), log=lambda s: None, eval_first=True,
+                   loss_weights=dict(ce_w=1.0))
+    assert st2["history"][0]["step"] == 0 and abs(st2["history"][0]["agreement"] - start) < 1e-9
+    assert saved[0] == st2["history"][0]["agreement"] and saved == sorted(saved)

@@ -378,3 +378,60 @@ def test_the_earliest_deadline_in_a_batch_bounds_what_joins_it():
     first = wisp.form_batch(0.0, BIG, BIG)
     assert ids(first) == ["tight"]
     assert ids(wisp.form_batch(first.predicted_finish, BIG, BIG)) == ["heavy"]
+
+
+# --- what the scheduler reads of a session, and late jobs ----------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9])
+def test_session_alpha_is_the_per_token_acceptance_the_deadlines_assume(p):
+    """E = sum alpha^j reads alpha per token; the share of a block accepted (~0.64 at p = 0.9, k = 8) is not it."""
+    from wisp_cloud.session_table import SessionRecord
+
+    rng = random.Random(7)
+    session = SessionRecord("s", "speculative", 4.0, 0.0, 0.0)
+    seen = []
+    for _ in range(3000):
+        accepted = 0
+        while accepted < 8 and rng.random() < p:
+            accepted += 1
+        session.record_round("verify", accepted, 8, 0.0)
+        seen.append(session.alpha)
+    assert statistics.fmean(seen[100:]) == pytest.approx(p, abs=0.03)
+    block_share = expected_accepted(p, 8) / 8
+    assert abs(statistics.fmean(seen[100:]) - block_share) > 0.1
+
+
+def test_best_effort_pass_starts_its_own_refusal_count():
+    """64 SLO jobs refused by the batch's deadline must not end the best-effort pass before it starts."""
+    sched = WispScheduler(estimator(), max_refusals=64)
+    sched.submit(job(job_id="urgent", deadline=0.0062))  # alone ~5.3 ms with margin: binds the batch
+    for i in range(70):  # too heavy to join it, not urgent
+        sched.submit(job(job_id=f"heavy{i}", deadline=5.0, new=400, cached=0))
+    sched.submit(job(job_id="heavy_best_effort", new=400, cached=0))  # oldest best effort: does not fit either
+    sched.submit(job(job_id="light_best_effort", new=1, cached=0, arrival=0.001))  # ~0.05 ms: fits what is left
+    assert ids(sched.form_batch(0.0, BIG, BIG)) == ["urgent", "light_best_effort"]
+
+
+def test_a_late_job_within_the_grace_runs_first_without_binding_the_batch():
+    sched = WispScheduler(estimator(), demote_after_s=1.0)
+    sched.submit(job(job_id="late", deadline=0.002))  # S < now, but by less than the grace: not demoted
+    sched.submit(job(job_id="tight", deadline=0.020))
+    sched.submit(job(job_id="loose", deadline=5.0, new=100))  # ~5 ms more: breaks only late's lost deadline
+    sched.submit(job(job_id="heavy", deadline=5.0, new=400))  # ~20 ms more: would break tight's
+    batch = sched.form_batch(0.0, BIG, BIG)
+    assert sched.demoted_total == 0 and ids(batch)[0] == "late"  # the most urgent goes first
+    assert set(ids(batch)) == {"late", "tight", "loose"} and 0.002 < batch.predicted_finish <= 0.020
+    assert WispScheduler(estimator()).demote_after_s == 0.0  # the default is the paper's rule
+
+
+def test_whoever_must_start_before_the_next_decision_is_urgent():
+    """After a long batch the next decision comes late: a job whose S falls before then is urgent now, served
+    earliest deadline first, rather than demoted at the next decision for having missed S meanwhile."""
+    sched = WispScheduler(estimator())
+    sched.submit(job(job_id="long", deadline=10.0, new=2000, cached=0))  # ~145 ms
+    assert ids(sched.form_batch(0.0, BIG, BIG)) == ["long"] and sched.last_batch_ms > 100
+    sched.submit(job(job_id="dense", deadline=1.0, alpha=0.9, k=8))  # dense, not urgent: S ~ 1 s
+    sched.submit(job(job_id="soon", deadline=0.100, new=400, cached=0))  # S ~ 0.08 s: inside the last batch's time
+    batch = sched.form_batch(0.0, BIG, BIG)
+    assert ids(batch)[0] == "soon" and sched.demoted_total == 0

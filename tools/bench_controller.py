@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """What the speculation controller costs per drafted token, beside the drafter's own time per token.
 
-    python tools/bench_controller.py [--drafters q4,student] [--tokens 48] [--threads 1]
+    python tools/bench_controller.py [--drafters q4,student] [--tokens 48] [--threads 1] [--segments 12]
 
-For each drafter it drafts greedily along a few chat prompts as `wisp_edge.drafting` does and, for
-every drafted token, times the drafting (`drafter.logits()`, one token evaluated, then the greedy q
-and its argmax) and then one stop rule, rotating among three: `new` (the product's
-`PredictorPolicy.stop_after`, with llama.cpp's SIMD exp when installed), `numpy` (the product's
-numpy-only path, for a device without llama.cpp) and `old` (the code before this change, kept here
-only). "In engine order" times the rule right after the drafting, as the engine runs it (its code and
-buffers gone cold while the drafter evaluated); "warm" times each rule alone in a loop over the same
-logits (the steady state of a micro-benchmark). It also reports how far the new features are from the old ones, whether every stop
+For each drafter it drafts greedily along a few chat prompts and, for every drafted token, times the
+drafting (`drafter.logits()`, one token evaluated, then the greedy argmax) and then one stop
+rule, rotating among three: `new` (the product's `PredictorPolicy.stop_after`, with llama.cpp's SIMD
+kernels when installed), `numpy` (the product's numpy-only path, for a device without llama.cpp) and
+`previous` (the code before this change, kept here only). "In engine order" times the rule right after
+the drafting (its code and buffers gone cold while the drafter evaluated); "warm" times each rule alone
+in a loop over the same logits. Then the drafting critical path as the engine runs it
+(`wisp_edge.drafting.Drafting.next`), in segments of 16 tokens rotating among: no stop rule, the
+predictor run after the drafting (`overlap` off, the engine's default) and the predictor run while the
+drafter evaluates the next token (`overlap` on, the engine's `overlap_stop_rule`): per token, the wall
+time beyond the drafter's own evaluation (its calls timed in whichever thread ran them) and that
+evaluation's time. The controller's cost on the critical path is the first minus the no-rule segments'
+(`controller_ms`); the evaluation's time is printed beside it, since running concurrently can slow it.
+It also reports how far the new features are from the previous ones, whether every stop
 decision agreed, and, on the held-out rounds of the shipped traces, the predictor's miss rate at the
 first rejection and recall of acceptable tokens through the batch path (what tools/train_predictor.py
 evaluates) and through the per-token path. Last, the drafter's prefill on each turn of a short chat
@@ -38,40 +44,64 @@ sys.path.insert(0, str(ROOT))
 
 from wisp_edge.controller.features import (MAX_LOGIT_GAP, BlockFeatures, DistributionStats,  # noqa: E402
                                            distribution_stats, ggml_softmax)
+from wisp_edge.drafting import Drafting  # noqa: E402
+from wisp_edge.engine import FixedLength  # noqa: E402
 from wisp_edge.controller.predictor import PredictorPolicy, RejectionPredictor, load_predictor_for  # noqa: E402
 from wisp_edge.drafters import load_drafter  # noqa: E402
-from wisp_edge.wire.sampling import SamplingParams, probs_from_logits  # noqa: E402
+from wisp_edge.wire.sampling import SamplingParams  # noqa: E402
 
 PROMPTS = ["Write a haiku about the sea.", "Explain what a hash table is in two sentences.",
            "def fibonacci(n):\n    # complete this Python function"]
 TRACES = ROOT / "models" / "traces"
 
 
-def old_distribution_stats(logits: np.ndarray) -> tuple[float, float, float, float, float]:
-    """The features as computed before this change (for the comparison only)."""
-    top = int(np.argmax(logits))
-    z = logits - logits[top]
-    e = np.exp(z)
-    total = float(e.sum())
-    entropy = math.log(total) - float(np.dot(e, z)) / total
-    e[top] = 0.0
-    second = float(e.max())
-    top1 = 1.0 / total
-    gap = min(-math.log(second), MAX_LOGIT_GAP) if second > 0.0 else MAX_LOGIT_GAP
-    mean = float(z.sum()) / z.shape[0]
-    std = math.sqrt(max(float(np.dot(z, z)) / z.shape[0] - mean * mean, 0.0))
-    return top1, max(entropy, 0.0), top1 - second / total, gap, std
+class PreviousStats:
+    """The features as `DistributionStats` computes them, in one function (the code before this change; the
+    product's are the same, so the rules differ only in how the row reaches the MLP and the MLP itself)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.z, self.e, self.ones = n, np.empty(n, np.float32), np.empty(n, np.float32), np.ones(n, np.float32)
+        self.softmax = ggml_softmax()
+
+    def __call__(self, logits: np.ndarray) -> tuple[float, float, float, float, float]:
+        top = int(np.argmax(logits))
+        np.subtract(logits, logits[top], out=self.z, casting="same_kind")
+        if self.softmax is not None:
+            total = self.softmax(self.n, self.e.ctypes.data, self.z.ctypes.data, 0.0)
+        else:
+            np.exp(self.z, out=self.e)
+            total = float(self.e.sum())
+        entropy = math.log(total) - float(np.dot(self.e, self.z)) / total
+        self.e[top] = 0.0
+        second = float(self.e[np.argmax(self.e)])
+        top1 = 1.0 / total
+        gap = min(-math.log(second), MAX_LOGIT_GAP) if second > 0.0 else MAX_LOGIT_GAP
+        mean = float(np.dot(logits, self.ones)) / self.n
+        np.subtract(logits, mean, out=self.e, casting="same_kind")
+        return top1, max(entropy, 0.0), top1 - second / total, gap, math.sqrt(float(np.dot(self.e, self.e)) / self.n)
 
 
-class OldRule:
-    """The stop rule before this change: old features, then the MLP through `logit` on a [1, 7] matrix."""
+class PreviousRule:
+    """The stop rule before this change: the previous features, a fresh feature row, the MLP's biases added
+    apart (three dots, two adds, two ReLUs)."""
 
-    def __init__(self, predictor: RejectionPredictor) -> None:
-        self.predictor, self.features = predictor, BlockFeatures()
+    def __init__(self, predictor: RejectionPredictor, n: int) -> None:
+        self.predictor, self.features, self.stats = predictor, BlockFeatures(), PreviousStats(n)
+        (w0, b0), (w1, b1), (w2, b2) = predictor.layers
+        inv = 1.0 / predictor.scale.astype(np.float64)
+        self.w0 = (w0 * inv[:, None]).astype(np.float32)
+        self.b0 = (b0 - (predictor.mean * inv) @ w0.astype(np.float64)).astype(np.float32)
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, np.ascontiguousarray(w2[:, 0]), float(b2[0])
 
     def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
-        row = self.features.from_stats(index, old_distribution_stats(logits))
-        return 0.5 * (1.0 + math.tanh(0.5 * float(self.predictor.logit(row.reshape(1, -1))[0]))) >= self.predictor.tau
+        row = self.features.from_stats(index, self.stats(logits))
+        h = np.dot(row, self.w0)
+        h += self.b0
+        np.maximum(h, 0.0, out=h)
+        g = np.dot(h, self.w1)
+        g += self.b1
+        np.maximum(g, 0.0, out=g)
+        return 0.5 * (1.0 + math.tanh(0.5 * (float(np.dot(g, self.w2)) + self.b2))) >= self.predictor.tau
 
 
 class NumpyRule(PredictorPolicy):
@@ -81,6 +111,57 @@ class NumpyRule(PredictorPolicy):
         if not hasattr(self, "_numpy_stats"):
             self._numpy_stats = DistributionStats(logits.shape[0], use_ggml=False)
         return self.stop_after_stats(index, self._numpy_stats(logits))
+
+
+class TimedDrafter:
+    """The drafter with each `logits()` call timed, in whichever thread it runs."""
+
+    def __init__(self, drafter) -> None:
+        self.drafter, self.eval_ns = drafter, []
+
+    def logits(self) -> np.ndarray:
+        t0 = time.perf_counter_ns()
+        try:
+            return self.drafter.logits()
+        finally:
+            self.eval_ns.append(time.perf_counter_ns() - t0)
+
+    def __getattr__(self, name):
+        return getattr(self.drafter, name)
+
+
+def critical_path(drafter, predictor: RejectionPredictor, segments: int, per_segment: int = 16) -> dict:
+    """Per drafted token, through `Drafting.next`: the wall time beyond the drafter's evaluation, and the
+    evaluation's own time, for no stop rule, the predictor after the drafting, and the predictor overlapped."""
+    timed = TimedDrafter(drafter)
+    modes = {"no_rule": (FixedLength(per_segment), False), "predictor_after_drafting": (None, False),
+             "predictor_overlapped": (None, True)}
+    beyond: dict[str, list[float]] = {m: [] for m in modes}
+    evals: dict[str, list[float]] = {m: [] for m in modes}
+    for s in range(segments * len(modes)):
+        mode = list(modes)[s % len(modes)]
+        policy, overlap = modes[mode]
+        policy = policy or PredictorPolicy(predictor, k_max=per_segment)
+        text = PROMPTS[(s // len(modes)) % len(PROMPTS)]
+        drafter.reset(drafter.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"))
+        drafter.logits()  # the prefill is not drafting
+        drafting = Drafting(timed, policy, (), SamplingParams(), overlap=overlap)
+        timed.eval_ns.clear()
+        t0 = time.perf_counter_ns()
+        for i in range(per_segment):
+            drafting.next(i % 8)  # the rule's decision is ignored: every segment drafts the same tokens
+        drafting.settle()  # the last evaluation started ahead counts too
+        wall = time.perf_counter_ns() - t0
+        drafting.close()
+        beyond[mode].append((wall - sum(timed.eval_ns)) / per_segment / 1e6)
+        evals[mode].append(sum(timed.eval_ns) / len(timed.eval_ns) / 1e6)
+    out = {m: {"beyond_eval_ms": round(statistics.median(beyond[m]), 4),
+               "eval_ms": round(statistics.median(evals[m]), 4)} for m in modes}
+    base = out["no_rule"]
+    for m in ("predictor_after_drafting", "predictor_overlapped"):
+        out[m]["controller_ms"] = round(out[m]["beyond_eval_ms"] - base["beyond_eval_ms"], 4)
+    out["segments_per_mode"], out["tokens_per_segment"] = segments, per_segment
+    return out
 
 
 def heldout(name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -154,13 +235,14 @@ def prefill_per_turn(drafter, answer_tokens: int = 8) -> list[dict]:
     return turns
 
 
-def bench_drafter(spec: str, tokens: int, threads: int) -> dict:
+def bench_drafter(spec: str, tokens: int, threads: int, segments: int) -> dict:
     drafter = load_drafter(spec, n_threads=threads)
     predictor = load_predictor_for(drafter)
     if predictor is None:
         raise SystemExit(f"no predictor weights for {spec} in models/predictor: run tools/train_predictor.py")
     rules = {"new": PredictorPolicy(predictor, k_max=8), "numpy": NumpyRule(predictor, k_max=8),
-             "old": OldRule(predictor)}
+             "previous": PreviousRule(predictor, drafter.vocab_size)}
+    previous_stats = PreviousStats(drafter.vocab_size)
     in_engine: dict[str, list[int]] = {name: [] for name in ("drafting", *rules)}
     q, differ, worst, rows = np.zeros(1), 0, np.zeros(5), []
     for text in PROMPTS:
@@ -169,7 +251,7 @@ def bench_drafter(spec: str, tokens: int, threads: int) -> dict:
         for i in range(tokens // len(PROMPTS)):
             t0 = time.perf_counter_ns()
             logits = drafter.logits()
-            token = int(np.argmax(probs_from_logits(logits, SamplingParams())))  # as Drafting.next, greedy
+            token = int(np.argmax(logits))  # as Drafting.next, greedy (its one-hot q is not needed here)
             in_engine["drafting"].append(time.perf_counter_ns() - t0)
             # Only the first rule after the drafting is timed (as in the engine, where the stop rule runs
             # once per token, its code and buffers gone cold during the drafter's evaluation); which
@@ -180,9 +262,10 @@ def bench_drafter(spec: str, tokens: int, threads: int) -> dict:
             in_engine[first].append(time.perf_counter_ns() - t0)
             decisions |= {rules[name].stop_after(i % 8, logits, q) for name in others}
             differ += len(decisions) > 1
-            worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), old_distribution_stats(logits))))
+            worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), previous_stats(logits))))
             rows.append(logits)
             drafter.append(token)
+    path = critical_path(drafter, predictor, segments)
     turns = prefill_per_turn(drafter)
     drafter.close()
     warm = {name: [] for name in rules}  # each rule alone in a loop over a few rows (they stay in cache)
@@ -196,7 +279,8 @@ def bench_drafter(spec: str, tokens: int, threads: int) -> dict:
             "controller_per_token": {name: percentiles(t) for name, t in in_engine.items()},
             "controller_per_token_warm": {name: percentiles(t) for name, t in warm.items()},
             "decisions_differ": differ,
-            "max_abs_feature_diff_new_vs_old": dict(zip(names, (float(f"{w:.3g}") for w in worst))),
+            "critical_path_per_token": path,
+            "max_abs_feature_diff_new_vs_previous": dict(zip(names, (float(f"{w:.3g}") for w in worst))),
             "heldout": heldout_report(spec, predictor), "chat_prefill_per_turn": turns}
 
 
@@ -205,23 +289,29 @@ def main() -> None:
     parser.add_argument("--drafters", default="q4,student")
     parser.add_argument("--tokens", type=int, default=48, help="drafted tokens per drafter (over 3 prompts)")
     parser.add_argument("--threads", type=int, default=1, help="drafter threads (an edge core)")
+    parser.add_argument("--segments", type=int, default=12, help="16-token segments per critical-path mode")
     parser.add_argument("--json-out", type=Path, default=ROOT / "docs" / "results" / "controller" / "bench.json")
     args = parser.parse_args()
     report = {"command": "python tools/bench_controller.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"load average {os.getloadavg()[0]:.1f} at start",
               "exp_kernel": "ggml_vec_soft_max_f32" if ggml_softmax() else "numpy", "drafters": []}
-    print(f"{'drafter':10s} {'drafting':>9s} | controller, in engine order: {'new':>7s} {'numpy':>7s} {'old':>7s} "
-          f"| warm, in a loop: {'new':>7s} {'numpy':>7s} {'old':>7s}   (ms per drafted token, medians)")
+    print(f"{'drafter':10s} {'drafting':>9s} | controller, in engine order: {'new':>7s} {'numpy':>7s} {'prev':>7s} "
+          f"| warm, in a loop: {'new':>7s} {'numpy':>7s} {'prev':>7s}   (ms per drafted token, medians)")
     for spec in args.drafters.split(","):
-        row = bench_drafter(spec, args.tokens, args.threads)
+        row = bench_drafter(spec, args.tokens, args.threads, args.segments)
         report["drafters"].append(row)
         c, w = row["controller_per_token"], row["controller_per_token_warm"]
         print(f"{spec:10s} {row['drafting_per_token']['median_ms']:9.3f} | {'':28s} {c['new']['median_ms']:7.4f} "
-              f"{c['numpy']['median_ms']:7.4f} {c['old']['median_ms']:7.4f} | {'':16s} {w['new']['median_ms']:7.4f} "
-              f"{w['numpy']['median_ms']:7.4f} {w['old']['median_ms']:7.4f}")
-        print(f"{'':10s} decisions differ on {row['decisions_differ']}/{row['drafted_tokens']} tokens; max |new - old| "
-              f"per feature: {row['max_abs_feature_diff_new_vs_old']}")
+              f"{c['numpy']['median_ms']:7.4f} {c['previous']['median_ms']:7.4f} | {'':16s} "
+              f"{w['new']['median_ms']:7.4f} {w['numpy']['median_ms']:7.4f} {w['previous']['median_ms']:7.4f}")
+        p = row["critical_path_per_token"]
+        print(f"{'':10s} critical path (Drafting.next), ms per token: " + "; ".join(
+            f"{m}: eval {p[m]['eval_ms']:.3f}, beyond eval {p[m]['beyond_eval_ms']:.4f}"
+            + (f", controller {p[m]['controller_ms']:+.4f}" if "controller_ms" in p[m] else "")
+            for m in ("no_rule", "predictor_after_drafting", "predictor_overlapped")))
+        print(f"{'':10s} decisions differ on {row['decisions_differ']}/{row['drafted_tokens']} tokens; "
+              f"max |new - previous| per feature: {row['max_abs_feature_diff_new_vs_previous']}")
         if row["heldout"]:
             h = row["heldout"]
             print(f"{'':10s} held-out ({h['rows']} rows): batch path {h['batch_path']}, per-token path "

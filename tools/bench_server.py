@@ -5,7 +5,10 @@
 Sections (run in this order; `--skip` takes a comma-separated list of their names):
   verify     one ragged forward over S sessions vs one forward per session, S = 1, 4, 8, 16, 32, blocks of
              4 and 8 new tokens (the last committed token + 3 or 7 drafts), each session continuing its own
-             KV cache of 100-400 prefilled tokens, logits for every block row, as `Verifier.run` computes them
+             KV cache of 100-400 prefilled tokens, logits for every block row, as `Verifier.run` computes them;
+             beside it the same forward with per-session attention calls (the reference), the attention
+             calls per layer, and the roofline bound from this machine's GEMM throughput and bandwidth
+  kv         prefill of a 300-token prompt, first vs second session (prefix cache); KV bytes per token
   profile    the estimator profile (`wisp-cloud profile`): held-out R^2 / MAE / MAPE; saved to a temporary
              file that the next two sections use (or `--profile PATH` loads a saved one instead)
   scheduler  `form_batch` decision time with ~1,000 queued jobs, WISP and FCFS, p50/p99
@@ -35,17 +38,20 @@ import torch  # noqa: E402
 from wisp_cloud.estimator import FEATURE_NAMES, Margin, TimeEstimator  # noqa: E402
 from wisp_cloud.model.kv_cache import KVCache  # noqa: E402
 from wisp_cloud.model.loader import load_model  # noqa: E402
+from wisp_cloud.model.paged_attention import paged_attention, reference_attention  # noqa: E402
 from wisp_cloud.model.transformer import RaggedBatch, Transformer, commit  # noqa: E402
+from tools.bench_kv import (attention_calls_per_layer, forward_cost, gemm_gflops, kernel_comparison,  # noqa: E402
+                            kv_bytes_section, prefix_section, read_bandwidth_gb_s, roofline_ms)
 from wisp_cloud.profiler import DTYPES, holdout_report, load_profile, run_profile, save_profile  # noqa: E402
 from wisp_cloud.scheduler import Batch, FcfsScheduler, VerifyJob  # noqa: E402
 from wisp_cloud.wisp_scheduler import WispScheduler  # noqa: E402
 from wisp_cloud.settings import DEFAULT_TARGET  # noqa: E402
 
-SECTIONS = ("verify", "profile", "scheduler", "http")
+SECTIONS = ("verify", "kv", "profile", "scheduler", "http")
 SESSIONS = (1, 4, 8, 16, 32)
 BLOCKS = (4, 8)  # new tokens per session: the last committed token + k - 1 drafts
 PREFIX = (100, 400)  # cached tokens per session, drawn per session
-KV_BLOCK_TOKENS = 64  # the server's default KV allocation unit
+KV_BLOCK_TOKENS = 16  # the server's default KV block
 SCHED_MEMORY_BYTES = 256 << 20  # free KV memory offered to each decision
 SCHED_MAX_TOKENS = 2048  # the server's default --max-batch-tokens
 
@@ -90,8 +96,10 @@ def prefilled_caches(model: Transformer, lengths: list[int], seed: int) -> list[
     return caches
 
 
-def time_verify(model: Transformer, caches: list[KVCache], k: int, reps: int, seed: int) -> tuple[float, float]:
-    """Median ms of one ragged forward over every session's block vs one forward per session.
+def time_verify(model: Transformer, caches: list[KVCache], k: int, reps: int,
+                seed: int) -> tuple[float, float, float]:
+    """Median ms of one ragged forward over every session's block (one attention call per layer), of the
+    same forward with the per-session attention reference, and of one forward per session.
 
     Batched and sequential reps alternate so a burst of foreign load spoils both alike. Nothing is
     committed: each cache keeps its length and every rep repeats the same work.
@@ -108,6 +116,13 @@ def time_verify(model: Transformer, caches: list[KVCache], k: int, reps: int, se
         for i, cache in enumerate(caches):
             model(RaggedBatch(tokens[i * k: (i + 1) * k], [k], [cache]), logit_rows=rows[:k]).cpu()
 
+    def reference() -> None:
+        model.attend = reference_attention
+        try:
+            batched()
+        finally:
+            model.attend = paged_attention
+
     def timed(fn) -> float:
         sync(model.device)
         t0 = time.perf_counter()
@@ -115,41 +130,74 @@ def time_verify(model: Transformer, caches: list[KVCache], k: int, reps: int, se
         sync(model.device)
         return (time.perf_counter() - t0) * 1000.0
 
-    batched(), sequential()  # warm-up
-    times_b, times_s = [], []
+    batched(), sequential(), reference()  # warm-up
+    times_b, times_s, times_r = [], [], []
     for _ in range(reps):
         times_b.append(timed(batched))
         times_s.append(timed(sequential))
+        times_r.append(timed(reference))
     assert [c.length for c in caches] == lengths, "timing must not commit"
-    return statistics.median(times_b), statistics.median(times_s)
+    return statistics.median(times_b), statistics.median(times_r), statistics.median(times_s)
 
 
-def verify_section(model: Transformer, reps: int, seed: int) -> list[dict]:
+def lengths_of(seed: int) -> list[int]:
+    """Each session's cached tokens, drawn from PREFIX."""
     rng = np.random.default_rng(seed)
-    lengths = [int(x) for x in rng.integers(PREFIX[0], PREFIX[1] + 1, max(SESSIONS))]
+    return [int(x) for x in rng.integers(PREFIX[0], PREFIX[1] + 1, max(SESSIONS))]
+
+
+def verify_section(model: Transformer, reps: int, seed: int) -> tuple[list[dict], list[dict]]:
+    lengths = lengths_of(seed)
     caches = prefilled_caches(model, lengths, seed)
+    say("  measuring this machine's memory read bandwidth")
+    bandwidth = read_bandwidth_gb_s()
     rows = []
     for k in BLOCKS:
         for n in SESSIONS:
             say(f"  timing {n} sessions x {k} tokens ({reps} reps)")
-            b, s = time_verify(model, caches[:n], k, reps, seed)
+            gflops = gemm_gflops(model, n * k)  # measured between the timings it is compared with
+            b, r, s = time_verify(model, caches[:n], k, reps, seed)
+            flops, weight_bytes = forward_cost(model, [k] * n, lengths[:n], n * k)
+            bound = roofline_ms(flops, weight_bytes, gflops, bandwidth)
             rows.append({"sessions": n, "block_tokens": k, "cached_tokens": sum(lengths[:n]),
-                         "batched_ms": round(b, 2), "sequential_ms": round(s, 2), "speedup": round(s / b, 2),
+                         "batched_ms": round(b, 2), "reference_ms": round(r, 2), "sequential_ms": round(s, 2),
+                         "speedup": round(s / b, 2), "reference_speedup": round(s / r, 2),
+                         "attention_calls_per_layer": attention_calls_per_layer(model, caches[:n], k),
+                         "gflop": round(flops / 1e9, 2), "gemm_gflops": round(gflops, 1),
+                         "bandwidth_gb_s": round(bandwidth, 1), "roofline_ms": round(bound, 2),
+                         "roofline_fraction": round(bound / b, 3),
                          "batched_tokens_per_s": round(n * k / b * 1000, 1),
                          "sequential_tokens_per_s": round(n * k / s * 1000, 1)})
-    return rows
+    return rows, [kernel_comparison(model, caches[:n], k, reps, seed) for n, k in ((16, 8), (32, 4), (16, 1))]
 
 
-def print_verify(rows: list[dict]) -> None:
+def print_verify(rows: list[dict], kernels: list[dict]) -> None:
     print(f"\nBatched vs sequential verification: blocks of k new tokens (last committed token + k-1 drafts), "
           f"logits for all rows,\neach session on its own KV cache of {PREFIX[0]}-{PREFIX[1]} tokens; median ms")
-    print(f"  {'sessions':>8} {'k':>3} {'cached':>7} {'batched':>9} {'sequential':>11} {'speed-up':>9} "
-          f"{'tok/s batched':>14} {'tok/s seq':>10}")
+    print(f"  {'sessions':>8} {'k':>3} {'cached':>7} {'batched':>9} {'per-session attn':>17} {'sequential':>11} "
+          f"{'speed-up':>9} {'attn calls/layer':>17} {'GFLOP':>6} {'GEMM GFLOP/s':>13} {'roofline':>9} {'fraction':>9}")
     for r in rows:
         print(f"  {r['sessions']:>8} {r['block_tokens']:>3} {r['cached_tokens']:>7} {r['batched_ms']:>9.1f} "
-              f"{r['sequential_ms']:>11.1f} {r['speedup']:>8.2f}x {r['batched_tokens_per_s']:>14.0f} "
-              f"{r['sequential_tokens_per_s']:>10.0f}")
+              f"{r['reference_ms']:>17.1f} {r['sequential_ms']:>11.1f} {r['speedup']:>8.2f}x "
+              f"{r['attention_calls_per_layer']:>17g} {r['gflop']:>6.1f} {r['gemm_gflops']:>13.0f} "
+              f"{r['roofline_ms']:>9.1f} {r['roofline_fraction']:>9.2f}")
+    print(f"  memory read bandwidth {rows[0]['bandwidth_gb_s']:.1f} GB/s; roofline = max(weight bytes / bandwidth, "
+          "FLOPs / GEMM throughput at the batch's rows); fraction = roofline / batched")
+    print("  attention kernels, one batched forward, median ms: " + "; ".join(
+        f"{r['sessions']} x {r['block_tokens']}: " + ", ".join(f"{key[:-3]} {value:.1f}" for key, value in r.items()
+                                                          if key.endswith("_ms")) for r in kernels))
     print("  (for comparison, transformers: 177 ms batched vs 946 ms sequential at 8 x 4; the bar is >= 4x at 16 x 8)")
+
+
+def print_kv(report: dict) -> None:
+    p, b = report["prefix"], report["bytes"]
+    print(f"\nPrefix cache: prefill of a {p['prompt_tokens']}-token prompt, first session {p['first_ms']:.1f} ms, "
+          f"a second with the same prompt {p['second_ms']:.1f} ms ({p['hit_tokens']} tokens from cached blocks): "
+          f"{p['speedup']:.1f}x faster (median of {p['reps']})")
+    print(f"KV bytes per token: theoretical {b['theoretical_bytes_per_token']}, "
+          f"pool {b['pool_bytes_per_slot']:.0f} per slot ({b['slot_over_theoretical_pct']:+.2f}%), "
+          f"{b['held_bytes_per_cached_token']:.0f} held per cached token in blocks of {b['block_tokens']} "
+          f"({b['held_over_theoretical_pct']:+.2f}%)")
 
 
 # --- profile: estimator accuracy ---------------------------------------------------------------------
@@ -369,6 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=200, help="timed verify rounds per HTTP client")
     p.add_argument("--http-prompt", type=int, default=128, help="prompt tokens of the HTTP session")
     p.add_argument("--http-draft", type=int, default=4, help="draft tokens per HTTP verify round")
+    p.add_argument("--prefix-prompt", type=int, default=300, help="prompt tokens of the prefix-cache prefill test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
@@ -411,9 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds[name] = round(time.perf_counter() - seconds[name], 1)
 
     if section("verify", "batched vs sequential"):
-        report["verify"] = verify_section(model, args.reps, args.seed)
+        report["verify"], report["attention_kernels"] = verify_section(model, args.reps, args.seed)
         done("verify")
-        print_verify(report["verify"])
+        print_verify(report["verify"], report["attention_kernels"])
+    if section("kv", "paged KV: prefix-cache prefill, bytes per token"):
+        report["kv"] = {"prefix": prefix_section(model, args.prefix_prompt, max(3, args.reps), args.seed),
+                        "bytes": kv_bytes_section(model, lengths_of(args.seed), args.seed)}
+        done("kv")
+        print_kv(report["kv"])
     with tempfile.TemporaryDirectory() as tmp:
         profile_path = Path(tmp) / "profile.json"
         estimator = None

@@ -32,7 +32,7 @@ from tools.sim import experiments as ex  # noqa: E402
 from tools.sim import plots  # noqa: E402
 from tools.sim.io import write_csv, write_json  # noqa: E402
 from tools.sim.run import simulate  # noqa: E402
-from tools.sim.workload import SLO_CLASSES  # noqa: E402
+from tools.sim.workload import SLO_CLASSES, Lengths  # noqa: E402
 
 QUICK_SYSTEMS = ex.MAIN_SYSTEMS
 
@@ -70,7 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="devices draft the next block during verification, as the edge engine does by default "
                         "(the published sweeps predate it and run without)")
     p.add_argument("--c3", type=float, help="what-if server: the per-cached-token cost, ms (the profile's otherwise)")
-    p.add_argument("--seeds", type=int, default=1, help="capacity: median over this many seeds")
+    p.add_argument("--seeds", type=int, help="capacity and goodput: the median over this many seeds, "
+                   "with a distribution-free interval (tools/sim/stats.py); --quick: 1")
     p.add_argument("--measure-requests", type=int, help="requests measured per device (setup's default otherwise)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--lock", help="hold this flock during each simulation (e.g. /tmp/wisp_heavy.lock on a shared box)")
@@ -105,6 +106,7 @@ def base_config(a: argparse.Namespace):
 def main(argv=None) -> int:
     a = parse(argv)
     a.setup = a.setup or ("ours" if a.quick else "paper")
+    a.seeds = a.seeds or (1 if a.quick else 5)
     ex.LOCK_PATH = a.lock
     cfg = base_config(a)
     t0 = time.time()
@@ -132,22 +134,30 @@ def main(argv=None) -> int:
         mark = time.time()
 
     if "capacity" in wanted:
+        table: list[dict] = []
         cap, rows = ex.capacity_experiment(cfg, systems, a.slos, a.attainment, tol,
-                                           guess=ex.CAPACITY_GUESS.get(a.setup, 32), seeds=a.seeds)
+                                           guess=ex.CAPACITY_GUESS.get(a.setup, 32), seeds=a.seeds, table=table)
         summary["capacity"] = cap
+        summary["capacity_ci"] = {f"{r['system']}@{r['slo']:g}": [r["ci_low"], r["ci_high"]] for r in table}
         write_csv(out / "capacity_runs.csv", rows)
+        write_csv(out / "capacity.csv", [{"workload": cfg.workload_name, **r} for r in table])
         write_json(out / "capacity.json", cap)
         if not a.no_plots:
-            plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup})", paper=a.setup.startswith("paper"))
+            plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup}), median of {a.seeds} "
+                           "seeds, bars: interval", paper=a.setup.startswith("paper"), table=table)
         done("capacity")
     if "goodput" in wanted:
         devices = a.goodput_devices or ex.GOODPUT_DEVICES[a.setup]
-        good, rows = ex.goodput_experiment(cfg, devices, systems)
+        table = []
+        good, rows = ex.goodput_experiment(cfg, devices, systems, seeds=a.seeds, table=table)
         summary["goodput"] = good
+        summary["goodput_ci"] = {r["system"]: [r["goodput_ci_low"], r["goodput_ci_high"]] for r in table}
         summary["goodput_devices"] = devices
-        write_csv(out / "goodput.csv", rows)
+        write_csv(out / "goodput_runs.csv", rows)
+        write_csv(out / "goodput.csv", [{"workload": cfg.workload_name, **r} for r in table])
         if not a.no_plots:
-            plots.goodput(good, out / "goodput.png", f"goodput at {devices} devices, SLO mix 2/4/6/8 ({a.setup})")
+            plots.goodput(good, out / "goodput.png", f"goodput at {devices} devices, SLO mix 2/4/6/8 ({a.setup}), "
+                          f"median of {a.seeds} seeds", table=table)
         done("goodput")
     if "capacity" in summary or "goodput" in summary:
         summary["ratios"] = ex.ratios(summary.get("capacity", {}), summary.get("goodput", {}))
@@ -201,7 +211,9 @@ def _describe(cfg) -> dict:
     return {"server": cfg.server, "truth": cfg.truth, "kv_budget_gb": None if cfg.kv_budget_gb is None else (
         "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
         "acceptance": cfg.acceptance, "coefficients": cfg.coefficients, "drafter_prefill": cfg.drafter_prefill,
-        "draft_ahead": cfg.draft_ahead, "measure_requests": cfg.measure_requests, "prompt": vars(wl.prompt), "output": vars(wl.output),
+        "draft_ahead": cfg.draft_ahead, "measure_requests": cfg.measure_requests, "workload": cfg.workload_name,
+        "prompt": vars(wl.prompt) if isinstance(wl.prompt, Lengths) else "public sets' lengths "
+        "(tools/sim/profiles/public_prompt_tokens.json)", "output": vars(wl.output),
         "think_s": wl.think_s, "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}
 
 

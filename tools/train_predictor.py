@@ -98,7 +98,8 @@ def collect(pair: LocalPair, prompts: list[str], *, k: int, answer_tokens: int, 
             desc: str) -> dict:
     """Run greedy rounds on prompts until the time budget; arrays by drafted token and by round."""
     policy = RecordingPolicy(k)
-    engine = pair.engine(policy)
+    # No drafting ahead: a block drafted during a round trip and then dropped adds feature rows no verdict labels.
+    engine = pair.engine(policy, draft_ahead=False)
     token_prompt, token_round, round_prompt = [], [], []
     start = time.time()
     deadline = start + 60 * minutes

@@ -153,6 +153,9 @@ class BatchLoop:
             for pending, result in zip(pendings, results):
                 self._finish(pending, result, started, measured_ms, plan.batch)
             self.metrics.kv_used.set(self.dispatch.ledger.used_bytes)
+            blocks = getattr(self.dispatch.ledger, "blocks", None)  # the paged pool's prefix cache
+            if blocks is not None:
+                self.metrics.sync_prefix_cache(blocks.queries_tokens, blocks.hits_tokens)
 
     def _failed(self, pendings: list[Pending], exc: Exception) -> None:
         """Each session's KV may be half written: drop them all; their edges resend committed tokens after

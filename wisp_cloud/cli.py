@@ -1,6 +1,7 @@
 """`wisp-cloud`: the verifier's command line.
 
     wisp-cloud serve                      # the verifier on 127.0.0.1:8000 with the shipped target
+    wisp-cloud serve --replicas 4         # four replicas behind one endpoint (Ray Serve; the 'cluster' extra)
     wisp-cloud profile                    # measure the verification time estimator on this device
     wisp-cloud generate --chat "What is the capital of France?"   # in-process speculative decoding
 """
@@ -86,6 +87,10 @@ def _serve(args) -> int:
 
     settings = settings_from_env_and_args(given(args, ServeSettings))
     logs.configure(settings.log_format, settings.log_level)
+    if settings.clustered:  # Ray is imported only here: one replica runs without it
+        from wisp_cloud.cluster.app import serve
+
+        return serve(settings)
     runtime = build_runtime(settings)
     app = runtime.app()
     tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)} \

@@ -47,6 +47,12 @@ class Metrics:
         self.http = Counter("wisp_http_requests", "HTTP requests by route and status", ["route", "status"],
                             registry=r)
         self.batch_errors = Counter("wisp_batch_errors", "Batched forwards that raised", registry=r)
+        # vLLM's names and counting: prompt tokens looked up, and of those found in cached KV blocks
+        self.prefix_queries = Counter("wisp_prefix_cache_queries", "Prefill tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("wisp_prefix_cache_hits", "Prefill tokens found in the prefix cache (not "
+                                   "recomputed)", registry=r)
+        self._prefix_seen = (0, 0)
 
     def record_batch(self, size: int, new_tokens: int, measured_ms: float, predicted_ms: float) -> None:
         """One batched forward: its size, its time, and how the estimator's prediction compared."""
@@ -56,6 +62,13 @@ class Metrics:
         self.predicted_seconds.observe(predicted_ms / 1000.0)
         if predicted_ms > 0:
             self.prediction_ratio.observe(measured_ms / predicted_ms)
+
+    def sync_prefix_cache(self, queries_tokens: int, hits_tokens: int) -> None:
+        """Bring the prefix-cache counters up to the block pool's running totals."""
+        seen_q, seen_h = self._prefix_seen
+        self.prefix_queries.inc(max(0, queries_tokens - seen_q))
+        self.prefix_hits.inc(max(0, hits_tokens - seen_h))
+        self._prefix_seen = (queries_tokens, hits_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

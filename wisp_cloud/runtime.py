@@ -148,7 +148,8 @@ def summary(rt: Runtime) -> str:
         f"  device       {m.device.type} {str(m.dtype).removeprefix('torch.')}, torch threads "
         f"{torch.get_num_threads()}",
         f"  KV pool      {pool.budget_bytes / (1 << 20):.0f} MiB = {pool.capacity_tokens} tokens "
-        f"({pool.bytes_per_token} B/token, blocks of {pool.block_tokens})",
+        f"({pool.bytes_per_token} B/token, {pool.blocks.num_blocks} paged blocks of {pool.block_tokens}, "
+        f"prefix caching on)",
         f"  scheduler    {s.policy}; max batch tokens {s.max_batch_tokens}, max draft {s.max_draft}"
         + (f", fcfs batch {s.fcfs_max_batch} / wait {s.fcfs_max_wait_ms} ms" if s.policy == "fcfs" else ""),
         f"  estimator    {rt.profile_path} ({rt.profile_note}); {accuracy}",

@@ -1,7 +1,8 @@
 """The verifier's HTTP API (FastAPI on uvicorn): the session API, centralized mode, health and metrics.
 
 `create_app(service, text_model, tokenizer, access=...)` builds the app around an already loaded
-model; `wisp-cloud serve` builds the runtime from settings and runs uvicorn. Every request first
+model; `wisp-cloud serve` builds the runtime from settings and runs uvicorn. The same app fronts a fleet
+of replicas on Ray Serve (`cluster/`), given a `RemoteService` with the service's methods. Every request first
 passes the access gate (`access.py`: API keys, per-key rate limit, body size and time), so no
 handler runs and no body is read for a caller without a key. Every refusal is a JSON body
 ``{"error": {"message", "type", "code", ...}}`` with a 4xx/5xx status, plus ``Retry-After`` on
@@ -10,6 +11,7 @@ handler runs and no body is read for a caller without a key. Every refusal is a 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -37,6 +39,11 @@ EXTRA_FIELD = "Extra inputs are not permitted"
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
     return JSONResponse(error_body(status, code, message, **extra), status_code=status, headers=headers)
+
+
+async def _settled(value):
+    """A service answers in place (`VerifierService`) or after a call to a replica (`cluster.RemoteService`)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def _key_of(request: Request) -> str | None:
@@ -103,13 +110,13 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
             return _error(503, "not_ready", "the batch loop is not running", {"Retry-After": "1"})
         if access.keys.enabled and _key_of(request) is None:
             return {"status": "ok"}
-        return {"status": "ok", **service.status()}
+        return {"status": "ok", **(await _settled(service.status()))}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (series prefixed wisp_)",
              dependencies=keyed, response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorReply}})
     async def metrics():
-        return Response(service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await _settled(service.render_metrics()), media_type=CONTENT_TYPE_LATEST)
 
     # --- the session API ---------------------------------------------------------------------------
 
@@ -130,7 +137,7 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
 
     @sessions.delete("/{session_id}", status_code=204, summary="Close a session and free its KV")
     async def close_session(session_id: str, request: Request):
-        service.close(session_id, owner=_key_of(request))  # 404/410 with the reason, or another key's session
+        await _settled(service.close(session_id, owner=_key_of(request)))  # 404/410 with the reason, or another key's session
         return Response(status_code=204)
 
     app.include_router(sessions)

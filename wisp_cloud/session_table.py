@@ -18,6 +18,8 @@ from wisp_edge.wire.errors import ApiError
 if TYPE_CHECKING:
     from wisp_cloud.verifier import TargetSession
 
+ACCEPTANCE_DECAY = 0.2  # weight of the latest round (about five rounds remembered: 0.3 biased alpha low)
+ACCEPTANCE_PRIOR_TOKENS = 2.0  # the prior alpha counts as this many judged tokens
 REPLY_MEMORY = 8  # rounds whose replies a session keeps for retries
 TOMBSTONES = 65536  # forgotten session ids remembered
 
@@ -32,15 +34,25 @@ class SessionRecord:
     first_token_time: float
     last_used: float
     generated: int = 0  # committed since the first target token (the SLO's N)
-    alpha: float = 0.6  # per-token acceptance EWMA, the scheduler's E
+    alpha: float = 0.6  # per-token acceptance probability (the scheduler's E = sum alpha^j), see record_round
     downlink_s: float = 0.0
     busy: bool = False  # a job is queued or running
     closed: bool = False
+    judged: float = ACCEPTANCE_PRIOR_TOKENS  # EWMA of draft tokens judged per round (accepted + the rejected one)
 
     def record_round(self, kind: str, accepted: int, draft_len: int, done: float) -> None:
-        """A job of this session finished at `done`: its acceptance, its progress, the SLO clock."""
+        """A job of this session finished at `done`: its acceptance, its progress, the SLO clock.
+
+        alpha is the per-token probability a draft survives, which is what the scheduler's E reads: a round
+        judged accepted + 1 tokens (accepted of them survived, then one rejection) or all k when none was
+        rejected, and alpha = EWMA(accepted) / EWMA(judged), the geometric model's estimate. (The share of a
+        block accepted, accepted / k, is not it: a per-token 0.9 gives ~0.64 at k = 8, so E came out low,
+        deadlines early and jobs were demoted needlessly.)"""
         if draft_len:
-            self.alpha = 0.7 * self.alpha + 0.3 * accepted / draft_len
+            hits = self.alpha * self.judged
+            self.judged = (1 - ACCEPTANCE_DECAY) * self.judged + ACCEPTANCE_DECAY * min(draft_len, accepted + 1)
+            hits = (1 - ACCEPTANCE_DECAY) * hits + ACCEPTANCE_DECAY * accepted
+            self.alpha = hits / self.judged
         if kind == "prefill":
             self.first_token_time = done
         elif kind == "resume":

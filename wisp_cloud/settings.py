@@ -44,7 +44,8 @@ class ServeSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
     ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
     kv_budget_mb: float | None = Field(None, gt=0, description="KV pool size (default: 1 GiB CPU, half the free GPU)")
-    kv_block_tokens: int = Field(64, ge=1, description="KV allocation unit (tokens)")
+    kv_block_tokens: int = Field(16, ge=1, description="KV block size (tokens): the unit of allocation and of "
+                                 "prefix caching")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")
     max_draft: int = Field(32, ge=1, description="longest draft block accepted")
     max_sessions: int = Field(4096, ge=1, description="open sessions (idle ones are evicted beyond it)")
@@ -58,13 +59,28 @@ class ServeSettings(BaseSettings):
     estimator_margin: float = Field(1.1, ge=1.0, description="safety factor on predicted verification time")
     online_refit: bool = Field(True, description="refit the estimator from live batches (else keep the "
                                                  "profile's coefficients)")
+    replicas: int = Field(1, ge=1, description="verifier replicas, each with its own model, KV pool and scheduler; "
+                                               "2 or more serve through Ray Serve (the 'cluster' extra)")
+    ray_address: str | None = Field(None, description="join this running Ray cluster (e.g. 10.0.0.1:6379 or 'auto') "
+                                                      "instead of starting a local one; implies Ray Serve")
+    min_replicas: int | None = Field(None, ge=1, description="autoscaling: fewest replicas (with max_replicas)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling: most replicas (unset: a fixed --replicas)")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling: requests in flight per replica "
+                                                                  "that Ray Serve aims for")
     log_format: Literal["text", "json"] = Field("text", description="server log lines as text or JSON")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log threshold")
+
+    @property
+    def clustered(self) -> bool:
+        """Served through Ray Serve (several replicas, autoscaling or a Ray cluster) rather than in this process."""
+        return self.replicas > 1 or self.ray_address is not None or self.max_replicas is not None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeSettings":
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+        if self.max_replicas is not None and self.max_replicas < (self.min_replicas or 1):
+            raise ValueError("max_replicas must be at least min_replicas")
         for path in (self.ssl_certfile, self.ssl_keyfile, self.api_keys_file):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"file not found: {path}")

@@ -77,9 +77,10 @@ class Verifier:
         if not prompt_ids:
             raise InvalidDraftError("the prompt must hold at least one token")
         if len(prompt_ids) >= self.model.args.max_seq_len:
-            raise InvalidDraftError(f"prompt of {len(prompt_ids)} tokens exceeds the model's {self.model.args.max_seq_len}")
+            raise InvalidDraftError(f"prompt of {len(prompt_ids)} tokens exceeds the model's "
+                                    f"{self.model.args.max_seq_len}")
         seed = params.seed if params.seed is not None else torch.seed()
-        cache = cache if cache is not None else self.model.new_cache(capacity=len(prompt_ids) + 64)
+        cache = cache if cache is not None else self.model.new_cache(capacity=0)
         return TargetSession(session_id, list(prompt_ids), params, cache, seed)
 
     def prefill(self, sessions: list[TargetSession]) -> list[int]:
@@ -98,10 +99,11 @@ class Verifier:
     def run(self, work: list["Prefill | Verify"]) -> list[int | None | Verdict]:
         """One ragged forward over prefills, resumes and verify blocks of many sessions.
 
-        A prefill feeds the whole prompt and samples the first target token from its last row (a
-        resume feeds all but the last committed token and samples nothing: the edge already holds
-        it); a verify feeds [last committed token, *draft] and keeps the accepted prefix. Only the
-        logit rows someone reads are computed. Returns, per item: the first token, None (resume) or
+        A prefill feeds the prompt and samples the first target token from its last row (a resume
+        feeds all but the last committed token and samples nothing: the edge already holds it); both
+        take the leading blocks the prefix cache holds and feed only the rest; a verify feeds [last
+        committed token, *draft] and keeps the accepted prefix. Only the logit rows someone reads are
+        computed. Returns, per item: the first token, None (resume) or
         the Verdict.
         """
         for item in work:
@@ -111,9 +113,10 @@ class Verifier:
             s = item.session
             if isinstance(item, Verify):
                 seq = [s.tokens[-1], *item.draft]
-            else:
-                s.cache.truncate(0)
+            else:  # prefill or resume: start from the prefix cache, compute only the rest
                 seq = s.tokens if item.sample_first else s.tokens[:-1]
+                s.cache.reset()
+                seq = seq[s.cache.reuse_prefix(seq, keep_last=item.sample_first):]
             if seq:
                 inputs.append(seq)
                 feeds.append(item)

@@ -61,7 +61,10 @@ class _BatchBuilder:
         job = entry.job
         if self.kv_bytes + job.kv_bytes > self.free_memory:
             return False
-        limit = self.earliest if entry.best_effort else min(self.earliest, entry.deadline)
+        # A late job (S < now) runs first but cannot bind the batch: its deadline is lost already, and
+        # holding the batch to it would shrink every batch while a session catches up.
+        late = entry.start < self.now
+        limit = self.earliest if entry.best_effort or late else min(self.earliest, entry.deadline)
         if self.chosen:  # the first job is exempt: a lone job cannot be helped by waiting
             if self.tokens + job.new_tokens > self.max_tokens:
                 return False
@@ -92,8 +95,13 @@ class WispScheduler:
     """SLO-aware batch forming, a greedy stand-in for a deadline-constrained knapsack.
 
     On each call (whenever the accelerator frees up):
-    1. SLO jobs with S < now cannot meet D even alone: they are demoted to best effort (`demoted_total`).
-    2. Urgent jobs, S <= now + urgent_horizon_s, are tried earliest-completion-deadline first.
+    1. SLO jobs with S < now - demote_after_s cannot meet D even alone, by a margin: they are demoted to
+       best effort (`demoted_total`). A job late by less is served first (it is urgent) but its lost
+       deadline does not bind the batch (with demote_after_s = 0, the paper's rule, there are none).
+    2. Urgent jobs, S <= now + max(urgent_horizon_s, the last batch's predicted time), are tried
+       earliest-completion-deadline first: whoever must start before the next decision (about one batch
+       away) goes now. A fixed 10 ms horizon, on a verifier whose batches take 100-400 ms, let jobs pass
+       S while the accelerator was busy, so they were demoted at the next decision.
     3. The other SLO jobs are tried by density (E + 1) / T({i}), tokens per ms of solo verification:
        warm blocks that confirm many tokens cheaply first. (The paper writes E / T({i}); the +1 counts
        the correction/bonus token every round yields, so a prefill, E = 0, is not rated worthless.)
@@ -105,8 +113,8 @@ class WispScheduler:
     T with the estimator's margin): x is admitted iff
       - its kv_bytes fit the memory still free, and
       - new_tokens(B') <= max_batch_tokens, and
-      - finish' <= D_j for every SLO job j in B' (a best-effort x's own deadline is ignored, but it may
-        never push the batch past anyone else's).
+      - finish' <= D_j for every SLO job j in B' that is not late (a best-effort or late x's own deadline
+        is ignored, but it may never push the batch past anyone else's).
     The first job of a batch is exempt from the token and deadline checks (never idle with work queued:
     a lone job cannot be helped by waiting); only memory binds it, so an empty batch with work queued
     means nothing fits the free memory.
@@ -117,11 +125,14 @@ class WispScheduler:
     marginal cost, by kv bytes) give the queue's minima, so the walk stops as soon as nothing could fit.
     """
 
-    def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010, max_refusals: int = 64) -> None:
+    def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010, max_refusals: int = 64,
+                 demote_after_s: float = 0.0) -> None:
         self.estimator = estimator
+        self.demote_after_s = demote_after_s
         self.max_refusals = max_refusals
         self.urgent_horizon_s = urgent_horizon_s
         self.demoted_total = 0
+        self.last_batch_ms = 0.0  # predicted time of the batch formed last: how long until the next decision
         self._entries: dict[Hashable, _Entry] = {}
         self._by_seq: dict[int, _Entry] = {}
         self._by_start: list[tuple[float, int]] = []  # SLO jobs, not demoted
@@ -196,7 +207,7 @@ class WispScheduler:
         self._by_cost = sorted((e.cost_ms, e.seq) for e in self._entries.values())
 
     def _demote_hopeless(self, now: float) -> None:
-        while self._by_start and self._by_start[0][0] < now:
+        while self._by_start and self._by_start[0][0] < now - self.demote_after_s:
             entry = self._by_seq[self._by_start[0][1]]
             self._unindex(entry)
             entry.job.demoted = True
@@ -208,7 +219,9 @@ class WispScheduler:
         self._demote_hopeless(now)
         smallest = (self._by_cost[0][0] if self._by_cost else 0.0, self._by_kv[0][0] if self._by_kv else 0)
         builder = _BatchBuilder(self.estimator, now, free_memory_bytes, max_batch_tokens, *smallest)
-        horizon = now + self.urgent_horizon_s
+        # Urgent: whoever must start before the next decision, which comes when this batch finishes (about
+        # as long as the last one took); a fixed 10 ms let jobs pass S during a long batch and be demoted.
+        horizon = now + max(self.urgent_horizon_s, self.last_batch_ms / 1000.0)
         urgent = []
         for start, seq in self._by_start:
             if start > horizon:
@@ -219,8 +232,8 @@ class WispScheduler:
             if builder.full:
                 break
             builder.add(entry)
-        refused = 0
         for ordered in (self._by_density, self._best_effort):
+            refused = 0  # per pass: SLO jobs refused by a deadline say nothing of whether best effort fits
             for _, seq in ordered:
                 if builder.full:
                     break
@@ -239,7 +252,8 @@ class WispScheduler:
         if not builder.chosen:
             return Batch([], 0.0, now, wait_s=0.0 if self._entries else INF)
         jobs = [e.job for e in builder.chosen]
-        return Batch(jobs, self.estimator.with_margin(builder.raw_ms), now, builder.tokens, builder.kv_bytes)
+        self.last_batch_ms = self.estimator.with_margin(builder.raw_ms)
+        return Batch(jobs, self.last_batch_ms, now, builder.tokens, builder.kv_bytes)
 
     def next_decision_time(self, now: float) -> float:
         """Work-conserving: with anything queued, decide now."""

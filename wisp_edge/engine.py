@@ -81,8 +81,11 @@ class SpeculativeEngine:
     def __init__(self, drafter: Drafter, backend: VerifierBackend, policy: DraftPolicy | None = None, *,
                  eos_ids: tuple[int, ...] = (), vocab_fingerprint: str | None = None, allow_local: bool = False,
                  slo_tokens_per_s: float | None = None, decode_while_prefilling: bool = True,
-                 draft_ahead: bool = True) -> None:
+                 draft_ahead: bool = True, overlap_stop_rule: bool = False) -> None:
         self.drafter, self.backend = drafter, backend
+        # Run the stop rule while the drafter evaluates the token just drawn (drafting.py). Off: on a loaded
+        # 2-core machine the two thread wake-ups cost about what the rule does (docs/results/controller/).
+        self.overlap_stop_rule = overlap_stop_rule
         self.decode_while_prefilling = decode_while_prefilling
         self.draft_ahead = draft_ahead
         self.allow_local = allow_local
@@ -105,7 +108,8 @@ class SpeculativeEngine:
         self.stats = stats = GenerationStats()
         start, faults = time.perf_counter(), FaultCounter(self.backend)
         plan = RoundPlan(max_new_tokens, self.eos_ids)
-        drafting = Drafting(self.drafter, self.policy, self.eos_ids, params)
+        drafting = Drafting(self.drafter, self.policy, self.eos_ids, params,
+                            overlap=self.overlap_stop_rule and not isinstance(self.policy, FixedLength))
         try:
             started = self.backend.start_session(SessionStart(list(prompt_ids), params, self.vocab_fingerprint,
                                                               self.slo_tokens_per_s))
@@ -138,6 +142,7 @@ class SpeculativeEngine:
                 except VerifierUnavailable:
                     if not self.allow_local:
                         raise
+                    drafting.settle()
                     prefill.catch_up(committed)
                     self.drafter.truncate(len(committed))
                     yield from self._local_only(drafting, plan, start)
@@ -151,6 +156,7 @@ class SpeculativeEngine:
                 if (yield from self._emit(plan, new, reply.accepted, rnd.number)):
                     return
         finally:
+            drafting.close()
             self._end(started.session_id, prefill, ahead, start, faults)
 
     def _verify(self, request: VerifyRequest, ahead: AheadDrafter | None, drafting: Drafting, plan: RoundPlan,

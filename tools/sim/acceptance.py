@@ -7,8 +7,9 @@ is a property of the position, not of how rounds are cut, so a block drafted fro
 positions c, c+1, ... until the first rejection; drafting past a rejection reads the rows the real drafter
 produced past its own rejected token (logged), or, beyond those, the next positions' rows as stand-ins.
 
-- `TraceAcceptance`: replays rounds logged from the shipped pair (tools/collect_traces.py): the held-out
-  prompts' streams, concatenated in random order. Positions where the logged round ended all-accepted
+- `TraceAcceptance`: replays rounds logged from the shipped pair (tools/collect_traces.py): the public
+  sets' streams (split "public": MT-Bench + HumanEval) where the trace has them, else the held-out prompts',
+  concatenated in random order. Positions where the logged round ended all-accepted
   (the bonus token, never drafted) are absent: the stream skips them.
 - `ParametricAcceptance`: a model for other pairs. The statistics come from a trace (realistic feature
   rows, in their order); a position is accepted with probability top1^gamma, gamma set so that the mean
@@ -137,10 +138,17 @@ def _concat(streams: list[Stream], order: np.ndarray, need: int) -> RequestPath:
                        np.concatenate([p.off_len for p in parts]), np.concatenate([p.off_stats for p in parts]))
 
 
-class TraceAcceptance:
-    """Replay of the shipped pair's logged rounds (held-out prompts)."""
+def default_split(traces: TraceSet) -> str:
+    """What a simulation replays: the public sets' rounds (MT-Bench + HumanEval) where the trace has them,
+    else the held-out home-made prompts'."""
+    return "public" if "public" in traces.streams else "heldout"
 
-    def __init__(self, traces: TraceSet, split: str = "heldout") -> None:
+
+class TraceAcceptance:
+    """Replay of the shipped pair's logged rounds (the public sets' prompts, or the held-out ones)."""
+
+    def __init__(self, traces: TraceSet, split: str | None = None) -> None:
+        split = split or default_split(traces)
         self.traces, self.split = traces, split
         self.streams = [s for s in traces.streams[split] if len(s.accepted)]
         self.name = f"trace:{traces.name}"
@@ -174,7 +182,7 @@ def solve_gamma(top1: np.ndarray, alpha: float) -> float:
 class ParametricAcceptance(TraceAcceptance):
     """Feature rows from a trace; acceptance ~ Bernoulli(top1 ** gamma), mean `alpha` along the path."""
 
-    def __init__(self, traces: TraceSet, alpha: float, split: str = "heldout") -> None:
+    def __init__(self, traces: TraceSet, alpha: float, split: str | None = None) -> None:
         super().__init__(traces, split)
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")

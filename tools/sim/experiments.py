@@ -16,23 +16,28 @@ from dataclasses import replace
 import numpy as np
 
 from tools.sim.run import SimConfig, simulate
+from tools.sim.stats import median_ci
 from tools.sim.systems import SLED_VARIANTS
-from tools.sim.workload import QUICK, SLO_CLASSES, Burst, Lengths, Workload
+from tools.sim.workload import QUICK, SLO_CLASSES, Burst, Lengths, Workload, public_workload
 
+PUBLIC = public_workload()  # every setup's requests: the public sets' prompt lengths
 SETUPS = {
     # The paper's setting, as far as it was recovered: an A100-class server with a 32B target, Pi 5 and Orin
     # Nano boards drafting with a 0.6B-class model, Wi-Fi + metro network, acceptance 0.75 per token.
     # KV memory is not binding (the paper's simulation evidently did not model it: see the README).
     "paper": SimConfig(server="a100-qwen3-32b", fleet="paper", network="wifi-metro", acceptance="param:0.75",
+                       workload=PUBLIC,
                        kv_budget_gb=math.inf, measure_requests=1),  # capacities of 100s: one request each is plenty
     # The same with the KV pool a real A100-80GB has left beside Qwen3-32B's weights (5 GB, 19k tokens): the
     # memory that binds the paper's measured centralized baseline (see the README).
     "paper-kv": SimConfig(server="a100-qwen3-32b", fleet="paper", network="wifi-metro", acceptance="param:0.75",
+                          workload=PUBLIC,
                           kv_budget_gb=None, measure_requests=1),
     # Ours, end to end: the verifier we ship on this 2-core VM, the shipped 4-bit drafter on one VM core per
     # device, its logged rounds replayed, the server's default 1 GiB KV pool.
-    "ours": SimConfig(server="cpu-smollm2-135m", fleet="vm-q4", network="wifi-metro", acceptance="q4"),
-    "ours-student": SimConfig(server="cpu-smollm2-135m", fleet="vm-student", network="wifi-metro",
+    "ours": SimConfig(server="cpu-smollm2-135m", fleet="vm-q4", network="wifi-metro", acceptance="q4",
+                      workload=PUBLIC),
+    "ours-student": SimConfig(workload=PUBLIC, server="cpu-smollm2-135m", fleet="vm-student", network="wifi-metro",
                               acceptance="student"),
 }
 GOODPUT_DEVICES = {"paper": 120, "paper-kv": 60, "ours": 40, "ours-student": 30}  # near the systems' capacities at the mix
@@ -115,11 +120,14 @@ def capacity_search(cfg: SimConfig, system: str, slo: float, threshold: float, g
 
 
 def capacity_experiment(cfg: SimConfig, systems=MAIN_SYSTEMS, slos=SLO_CLASSES, threshold: float = 0.9,
-                        tol: float = 0.05, guess: int = 64, seeds: int = 1) -> tuple[dict, list]:
+                        tol: float = 0.05, guess: int = 64, seeds: int = 1,
+                        table: list | None = None) -> tuple[dict, list]:
     """{system: {"2": n, ...}} plus the sled aggregate (the better variant per class), and every run as a row.
-    With several seeds, the capacity is the median of the per-seed searches (each seed in the rows)."""
+    With several seeds, the capacity is the median of the per-seed searches (each seed in the rows), and
+    `table` (if given) gets one row per system and class: median, ci_low, ci_high (stats.median_ci), seeds."""
     capacity: dict[str, dict[str, int]] = {}
     rows: list[dict] = []
+    per_seed: dict[tuple[str, str], list[int]] = {}
     for system in systems:
         capacity[system] = {}
         previous = guess
@@ -131,39 +139,63 @@ def capacity_experiment(cfg: SimConfig, systems=MAIN_SYSTEMS, slos=SLO_CLASSES, 
                                              rows=rows))
             n = int(np.median(found)) if seeds > 1 else found[0]
             capacity[system][f"{slo:g}"] = n
+            per_seed[(system, f"{slo:g}")] = found
+            if table is not None:
+                table.append({"system": system, "slo": slo, **median_ci(found).row(),
+                              "per_seed": " ".join(map(str, found))})
             previous = max(1, n)
             log(f"capacity {system} @ {slo:g} tok/s = {n} devices {found if seeds > 1 else ''} "
                 f"({time.time() - t0:.0f} s)")
     if all(v in capacity for v in SLED_VARIANTS):
         capacity["sled"] = {k: max(capacity[v][k] for v in SLED_VARIANTS) for k in capacity[SLED_VARIANTS[0]]}
+        if table is not None:  # the better variant seed by seed (the same seed = the same devices and prompts)
+            for k in capacity["sled"]:
+                found = [max(a, b) for a, b in zip(*(per_seed[(v, k)] for v in SLED_VARIANTS))]
+                table.append({"system": "sled", "slo": float(k), **median_ci(found).row(),
+                              "per_seed": " ".join(map(str, found))})
     return capacity, rows
 
 
 # --- goodput --------------------------------------------------------------------------------------------------
 
-def goodput_experiment(cfg: SimConfig, devices: int, systems=MAIN_SYSTEMS) -> tuple[dict, list]:
-    """Every system at the same load (mixed SLO classes 2/4/6/8): goodput and what explains it."""
+def goodput_experiment(cfg: SimConfig, devices: int, systems=MAIN_SYSTEMS, seeds: int = 1,
+                       table: list | None = None) -> tuple[dict, list]:
+    """Every system at the same load (mixed SLO classes 2/4/6/8): goodput and what explains it, one row per
+    system and seed; the goodput reported is the median over seeds, and `table` (if given) gets one row per
+    system with the median and interval of goodput and attainment (stats.median_ci)."""
     goodput, rows = {}, []
     for system in systems:
-        run = run_sim(replace(cfg, system=system, devices=devices))
-        s = run.summary
-        goodput[system] = round(s["goodput"], 1)
-        row = {"system": system, "devices": devices, "goodput": round(s["goodput"], 1),
-               "throughput": round(s.get("throughput", 0.0), 1), "attainment": round(s["attainment"], 4),
-               **{f"attainment_{k}": round(v["attainment"], 4) for k, v in s.get("by_slo", {}).items()},
-               "ttft_p50_s": _r(s.get("ttft_p50_s")), "ttft_p99_s": _r(s.get("ttft_p99_s")),
-               "mean_accepted_length": _r(s.get("mean_accepted_length")),
-               "drafted_per_round": _r(s.get("drafted_per_round")), "acceptance_rate": _r(s.get("acceptance_rate")),
-               "wasted_drafting_ms_per_token": _r(s.get("wasted_drafting_ms_per_token")),
-               "queue_ms_per_round": _r(s.get("queue_ms_per_round")),
-               "mean_batch_jobs": _r(s["server"]["mean_batch_jobs"]),
-               "mean_batch_tokens": _r(s["server"]["mean_batch_tokens"]), "demoted": s["server"]["demoted"],
-               "preempted": s["server"]["preempted"], "refusals": s.get("refusals", 0), "wall_s": round(run.wall_s, 1)}
-        rows.append(row)
-        log(f"goodput {system:<18} {devices} devices: {row['goodput']} tok/s, attainment {row['attainment']:.3f}")
+        mine = [goodput_run(replace(cfg, seed=seed), devices, system) for seed in range(cfg.seed, cfg.seed + seeds)]
+        rows += mine
+        good = median_ci([r["goodput"] for r in mine])
+        goodput[system] = round(good.median, 1)
+        if table is not None:
+            att = median_ci([r["attainment"] for r in mine])
+            table.append({"system": system, "devices": devices, **{f"goodput_{k}": v for k, v in good.row().items()},
+                          **{f"attainment_{k}": v for k, v in att.row(3).items() if k != "seeds"}})
     if all(v in goodput for v in SLED_VARIANTS):
         goodput["sled"] = max(goodput[v] for v in SLED_VARIANTS)
     return goodput, rows
+
+
+def goodput_run(cfg: SimConfig, devices: int, system: str) -> dict:
+    """One goodput run's row."""
+    run = run_sim(replace(cfg, system=system, devices=devices))
+    s = run.summary
+    row = {"system": system, "seed": cfg.seed, "devices": devices, "goodput": round(s["goodput"], 1),
+           "throughput": round(s.get("throughput", 0.0), 1), "attainment": round(s["attainment"], 4),
+           **{f"attainment_{k}": round(v["attainment"], 4) for k, v in s.get("by_slo", {}).items()},
+           "ttft_p50_s": _r(s.get("ttft_p50_s")), "ttft_p99_s": _r(s.get("ttft_p99_s")),
+           "mean_accepted_length": _r(s.get("mean_accepted_length")),
+           "drafted_per_round": _r(s.get("drafted_per_round")), "acceptance_rate": _r(s.get("acceptance_rate")),
+           "wasted_drafting_ms_per_token": _r(s.get("wasted_drafting_ms_per_token")),
+           "queue_ms_per_round": _r(s.get("queue_ms_per_round")),
+           "mean_batch_jobs": _r(s["server"]["mean_batch_jobs"]),
+           "mean_batch_tokens": _r(s["server"]["mean_batch_tokens"]), "demoted": s["server"]["demoted"],
+           "preempted": s["server"]["preempted"], "refusals": s.get("refusals", 0), "wall_s": round(run.wall_s, 1)}
+    log(f"goodput {system:<18} {devices} devices, seed {cfg.seed}: {row['goodput']} tok/s, "
+        f"attainment {row['attainment']:.3f}")
+    return row
 
 
 def _r(x, nd: int = 3):
@@ -172,7 +204,8 @@ def _r(x, nd: int = 3):
 
 # --- bursts ---------------------------------------------------------------------------------------------------
 
-BURST_WORKLOAD = Workload(prompt=Lengths(200, 0.6, 16, 1024), output=Lengths(64, 0.3, 24, 128), stagger_s=5.0)
+BURST_WORKLOAD = replace(PUBLIC, output=Lengths(64, 0.3, 24, 128), stagger_s=5.0,
+                         name=PUBLIC.name.replace("median 160", "median 64"))
 
 
 def burst_experiment(cfg: SimConfig, base: int, multipliers=(2.0, 3.0, 4.0), systems=("wisp", "wisp_fcfs"), *,

@@ -22,14 +22,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def capacity(cap: dict, path: Path, title: str, paper: bool = False) -> Path:
+def _errors(table: list | None, key, heights: list, keys: list, prefix: str = "") -> list | None:
+    """[[below...], [above...]] for matplotlib's yerr from the table's ci_low / ci_high rows."""
+    if not table:
+        return None
+    by = {key(r): r for r in table}
+    lo = [max(0.0, h - by[k][f"{prefix}ci_low"]) if k in by else 0.0 for h, k in zip(heights, keys)]
+    hi = [max(0.0, by[k][f"{prefix}ci_high"] - h) if k in by else 0.0 for h, k in zip(heights, keys)]
+    return [lo, hi]
+
+
+def capacity(cap: dict, path: Path, title: str, paper: bool = False, table: list | None = None) -> Path:
     systems = [s for s in cap if s != "sled"]
     slos = list(next(iter(cap.values())))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(systems)
     for i, s in enumerate(systems):
         xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(slos))]
-        ax.bar(xs, [cap[s][k] for k in slos], width, label=s, color=COLORS.get(s))
+        heights = [cap[s][k] for k in slos]
+        yerr = _errors(table, lambda r: (r["system"], f"{r['slo']:g}"), heights, [(s, k) for k in slos])
+        ax.bar(xs, heights, width, label=s, color=COLORS.get(s), yerr=yerr, capsize=2, error_kw={"lw": 0.8})
     if paper:
         for s, marker in (("wisp", "o"), ("centralized", "s"), ("sled", "^")):
             ax.plot(range(len(slos)), PAPER_CAPACITY[s], marker, color="k", fillstyle="none", linestyle=":",
@@ -41,10 +53,12 @@ def capacity(cap: dict, path: Path, title: str, paper: bool = False) -> Path:
     return _save(fig, path)
 
 
-def goodput(good: dict, path: Path, title: str) -> Path:
+def goodput(good: dict, path: Path, title: str, table: list | None = None) -> Path:
     systems = [s for s in good if s != "sled"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(systems, [good[s] for s in systems], color=[COLORS.get(s) for s in systems])
+    heights = [good[s] for s in systems]
+    yerr = _errors(table, lambda r: r["system"], heights, systems, prefix="goodput_")
+    ax.bar(systems, heights, color=[COLORS.get(s) for s in systems], yerr=yerr, capsize=3)
     ax.set_ylabel("goodput (tokens/s meeting SLO)")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)

@@ -59,6 +59,12 @@ class SimConfig:
     # predate it, so they keep it off and the levers study measures it
     coefficients: tuple | None = None  # a what-if server: replaces the profile's (c0, c1, c2, c3); None keeps one
 
+    @property
+    def workload_name(self) -> str:
+        """The prompt set behind the lengths and the acceptance, as results files name it."""
+        acceptance = _acceptance(self.acceptance)
+        return f"{self.workload.name}; acceptance {self.acceptance} ({acceptance.split} rounds of {acceptance.traces.name})"
+
 
 @dataclass
 class RunResult:

@@ -8,12 +8,15 @@ clipped (assumed: chat-like prompts of ~200 tokens and answers of ~160; the pape
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 SLO_CLASSES = (2.0, 4.0, 6.0, 8.0)  # tokens/s, the paper's
+PUBLIC_PROMPT_TOKENS = Path(__file__).resolve().parent / "profiles" / "public_prompt_tokens.json"
 
 
 @dataclass(frozen=True)
@@ -36,15 +39,16 @@ class Burst:
 
 @dataclass(frozen=True)
 class Workload:
-    prompt: Lengths = Lengths(200, 0.6, 16, 1024)
+    prompt: Lengths | CategoryLengths = Lengths(200, 0.6, 16, 1024)
     output: Lengths = Lengths(160, 0.5, 32, 512)
     think_s: float = 1.0  # mean pause between a device's requests
     stagger_s: float = 10.0  # first requests spread uniformly over this window
     slo_mix: tuple[tuple[float, float], ...] = ((2.0, 0.25), (4.0, 0.25), (6.0, 0.25), (8.0, 0.25))
     bursts: tuple[Burst, ...] = field(default_factory=tuple)
+    name: str = "synthetic chat lengths"  # where the lengths come from, named in every results file
 
     def with_slo(self, rate: float) -> "Workload":
-        return Workload(self.prompt, self.output, self.think_s, self.stagger_s, ((rate, 1.0),), self.bursts)
+        return replace(self, slo_mix=((rate, 1.0),))
 
     def slo_of(self, rng: np.random.Generator) -> float:
         u, acc = rng.random(), 0.0
@@ -53,6 +57,40 @@ class Workload:
             if u < acc:
                 return rate
         return self.slo_mix[-1][0]
+
+
+@dataclass(frozen=True)
+class CategoryLengths:
+    """Prompt lengths of a public set: a category drawn uniformly, then one of its prompts (so HumanEval's 164
+    problems weigh as much as one MT-Bench category of 10)."""
+
+    by_category: tuple[tuple[int, ...], ...]
+    lo: int = 16
+
+    def sample(self, rng: np.random.Generator) -> int:
+        values = self.by_category[rng.integers(len(self.by_category))]
+        return max(self.lo, int(values[rng.integers(len(values))]))
+
+
+def public_prompt_lengths(path: Path = PUBLIC_PROMPT_TOKENS) -> CategoryLengths | None:
+    """The public sets' prompt lengths in target tokens (tools/workload_report.py writes them); None if absent."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    groups: dict[str, list[int]] = {}
+    for tokens, category in zip(data["tokens"], data["category"]):
+        groups.setdefault(category, []).append(int(tokens))
+    return CategoryLengths(tuple(tuple(v) for _, v in sorted(groups.items())))
+
+
+def public_workload() -> Workload:
+    """The default workload: MT-Bench + HumanEval prompt lengths; answers stay log-normal (no reference
+    answers ship with MT-Bench, and the target's own answers run to the token budget)."""
+    lengths = public_prompt_lengths()
+    if lengths is None:
+        return Workload()
+    return Workload(prompt=lengths, name="MT-Bench + HumanEval prompts (categories equally weighted), "
+                                         "answers log-normal (median 160)")
 
 
 QUICK = Workload(prompt=Lengths(128, 0.5, 16, 512), output=Lengths(48, 0.3, 24, 96), stagger_s=4.0)

@@ -1,10 +1,10 @@
 """A compact Llama-family transformer (Llama, Qwen2, Qwen3) for ragged, cached verification.
 
 The model maps a *ragged batch* (many sessions' new tokens packed into one flat sequence, each
-session continuing its own KV cache) to logits. All projections and MLPs run as one matmul over
-every packed token; only attention is done per session, against that session's cache, so a
-batch of 16 sessions costs one forward, not 16. Module names follow Hugging Face's so
-checkpoints load without renaming.
+session continuing its own paged KV cache) to logits. All projections and MLPs run as one matmul over
+every packed token, and attention as one call per layer over every session, reading each one's keys
+through its block table (`paged_attention`), so a batch of 16 sessions costs one forward, not 16.
+Module names follow Hugging Face's so checkpoints load without renaming.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wisp_cloud.model.block_pool import BlockPool
 from wisp_cloud.model.config import ModelArgs
 from wisp_cloud.model.kv_cache import KVCache
+from wisp_cloud.model.paged_attention import PagedLayout, paged_attention, plan, to_device, write_kv
+
+DEFAULT_BLOCK_TOKENS = 16  # vLLM's default: fine-grained prefix hits, short block tables
 
 
 @dataclass
@@ -92,8 +96,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch,
-                masks: list[torch.Tensor | None]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PagedLayout,
+                pool: BlockPool, attend=paged_attention) -> torch.Tensor:
         t = x.shape[0]  # x: [num_tokens, dim]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
@@ -103,48 +107,9 @@ class Attention(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]  # [num_tokens, 1, head_dim]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # Grouped-query layout: the `group` query heads sharing kv head j become one block of
-        # group * n query rows (head-major) against that kv head, so keys/values are never repeated.
-        # 4-D inputs matter: on CPU, SDPA only takes its fused (flash) kernel for 4-D tensors.
-        kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        qt = q.transpose(0, 1)  # [n_heads, num_tokens, head_dim]
-        single = len(batch.caches) == 1
-        out = None if single else torch.empty_like(q)  # [num_tokens, n_heads, head_dim]
-        for i, cache in enumerate(batch.caches):
-            lo, hi, start = batch.offsets[i], batch.offsets[i + 1], batch.starts[i]
-            n = hi - lo
-            end = start + n
-            cache.k[self.layer_id, :, start:end] = k[lo:hi].transpose(0, 1)
-            cache.v[self.layer_id, :, start:end] = v[lo:hi].transpose(0, 1)
-            keys = cache.k[self.layer_id, None, :, :end]  # [1, kv_heads, end, head_dim]
-            values = cache.v[self.layer_id, None, :, :end]
-            query = qt[:, lo:hi].reshape(1, kv, group * n, hd)
-            # masks[i]: [group * n, end], query row (h, r) at position start + r sees keys 0..start + r
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[i])
-            attn = attn.view(self.n_heads, n, hd).transpose(0, 1)  # [n, n_heads, head_dim]
-            if single:
-                return self.o_proj(attn.reshape(t, -1))
-            out[lo:hi] = attn
-        return self.o_proj(out.view(t, -1))
-
-
-def causal_masks(batch: RaggedBatch, group: int, dtype: torch.dtype,
-                 device: torch.device) -> list[torch.Tensor | None]:
-    """Per session, the additive [group * n, start + n] mask of the grouped-query layout (None for one token).
-
-    Built once per forward and shared by all layers; additive (0 / -inf) rather than boolean so
-    that SDPA does not convert it again in every layer.
-    """
-    masks: list[torch.Tensor | None] = []
-    for start, n in zip(batch.starts, batch.seq_lens):
-        if n == 1:  # a single query sees the whole cache
-            masks.append(None)
-            continue
-        keys, queries = torch.arange(start + n, device=device), torch.arange(start, start + n, device=device)
-        future = keys[None, :] > queries[:, None]
-        mask = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
-        masks.append(mask.repeat(group, 1))
-    return masks
+        k_cache, v_cache = pool.k[self.layer_id], pool.v[self.layer_id]  # [blocks, block_size, kv_heads, head_dim]
+        write_kv(k_cache, v_cache, k, v, layout)
+        return self.o_proj(attend(q, k_cache, v_cache, layout))
 
 
 class FeedForward(nn.Module):
@@ -166,8 +131,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, batch, masks):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, masks)
+    def forward(self, x, cos, sin, layout, pool, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, pool, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -182,6 +147,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.attend = paged_attention  # `paged_attention.reference_attention`: the per-session reference
+        self._pools: dict[int, BlockPool] = {}  # block size -> the pool of caches made by `new_cache`
 
     @property
     def device(self) -> torch.device:
@@ -191,10 +158,21 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, capacity: int = 64, growth: int | None = None) -> KVCache:
+    def block_pool(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_TOKENS, *,
+                   growable: bool = False) -> BlockPool:
+        """A pool of KV blocks for this model (the server's has a fixed number: its budget)."""
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.dtype, device=self.device,
-                       capacity=capacity, growth=growth)
+        return BlockPool(a.n_layers, a.n_kv_heads, a.head_dim, num_blocks=num_blocks, block_size=block_size,
+                         dtype=self.dtype, device=self.device, growable=growable)
+
+    def new_cache(self, capacity: int = 64, growth: int | None = None) -> KVCache:
+        """A cache outside any budget (tests, tools, `generate`), in blocks of `growth` tokens, from a pool
+        of the model's own that grows when full."""
+        block_size = growth or DEFAULT_BLOCK_TOKENS
+        pool = self._pools.get(block_size)
+        if pool is None or pool.k.device != self.device or pool.k.dtype != self.dtype:
+            pool = self._pools[block_size] = self.block_pool(64, block_size, growable=True)
+        return KVCache(pool, capacity)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -205,24 +183,33 @@ class Transformer(nn.Module):
     def forward(self, batch: RaggedBatch, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for the packed tokens ([num_tokens, vocab]) or only for `logit_rows` ([rows, vocab]).
 
+        On a GPU nothing here waits for the device: every index is built on the host and copied from
+        pinned memory asynchronously; the caller's `.cpu()` of the logits is the one synchronisation.
+        Shapes follow the batch (rows, chunk, blocks), so CUDA graphs would need padded shape buckets:
+        not done, a server of ragged batches would capture one graph per bucket.
+
         Writes every new token's keys/values into its session's cache but does not advance
         ``cache.length``: the caller commits what it keeps (see ``commit``).
         """
-        for cache, n in zip(batch.caches, batch.seq_lens):
-            if cache.length + n > self.args.max_seq_len:
-                raise ValueError(f"sequence of {cache.length + n} tokens exceeds max_seq_len {self.args.max_seq_len}")
-            cache.reserve(cache.length + n)
-        tokens = batch.tokens.to(self.device)
-        positions = batch.positions.to(self.device)
+        pool = batch.caches[0].pool
+        assert all(c.pool is pool for c in batch.caches), "one forward reads one block pool"
+        ids = batch.tokens.tolist()
+        for cache, start, n, lo in zip(batch.caches, batch.starts, batch.seq_lens, batch.offsets):
+            if start + n > self.args.max_seq_len:
+                raise ValueError(f"sequence of {start + n} tokens exceeds max_seq_len {self.args.max_seq_len}")
+            cache.prepare_write(start, ids[lo: lo + n])
+        layout = plan(batch.starts, batch.seq_lens, [list(c.blocks) for c in batch.caches], pool.block_size,
+                      self.args.n_heads // self.args.n_kv_heads, self.dtype, self.device)
+        tokens = to_device(batch.tokens, self.device)
+        positions = to_device(batch.positions, self.device)
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [num_tokens, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        masks = causal_masks(batch, self.args.n_heads // self.args.n_kv_heads, self.dtype, self.device)
         x = self.embed_tokens(tokens)  # [num_tokens, dim]
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, masks)
+            x = layer(x, cos, sin, layout, pool, self.attend)
         if logit_rows is not None:
-            x = x[logit_rows.to(self.device)]
+            x = x.index_select(0, to_device(logit_rows, self.device))
         return self.lm_head(self.norm(x)).float()
 
 
@@ -243,7 +230,9 @@ def use_column_major_weights(model: Transformer) -> None:
 
 
 def commit(batch: RaggedBatch, kept: list[int]) -> None:
-    """Advance each session's cache by the number of its new tokens it keeps."""
+    """Advance each session's cache by the number of its new tokens it keeps; blocks filled under the
+    committed length join the prefix cache."""
     for cache, start, n, keep in zip(batch.caches, batch.starts, batch.seq_lens, kept):
         assert 0 <= keep <= n, f"cannot keep {keep} of {n} new tokens"
         cache.truncate(start + keep)
+        cache.seal()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from wisp_edge.controller.features import FEATURE_NAMES, BlockFeatures, distribution_stats, top1_prob
+from wisp_edge.controller.features import FEATURE_NAMES, distribution_stats, top1_prob
 from wisp_edge.drafters import MODELS_DIR
 from wisp_edge.wire.protocol import VerifyReply
 
@@ -45,14 +46,21 @@ class RejectionPredictor:
         assert self.layers[0][0].shape[0] == len(self.feature_names) == self.mean.shape[0] == self.scale.shape[0]
         assert self.layers[-1][0].shape[1] == 1
         self._inv_scale = (1.0 / self.scale).astype(np.float32)
-        # The standardisation folded into the first layer (in float64) for the per-token path, which
-        # then costs three small matrix products (~6 us): W0' = W0 / scale, b0' = b0 - (mean / scale) W0.
+        # The per-token path: the standardisation folded into the first layer (in float64),
+        # W0' = W0 / scale, b0' = b0 - (mean / scale) W0, and every bias as one more weight row read
+        # against a constant 1 at the end of each input, so a layer is one dot into a reused buffer and
+        # one in-place ReLU (which leaves the 1 alone).
         (w0, b0), (w1, b1), (w2, b2) = self.layers
         inv = 1.0 / self.scale.astype(np.float64)
-        self._w0 = (w0 * inv[:, None]).astype(np.float32)
-        self._b0 = (b0 - (self.mean * inv) @ w0.astype(np.float64)).astype(np.float32)
-        self._w1, self._b1 = w1.astype(np.float32), b1.astype(np.float32)
-        self._w2, self._b2 = np.ascontiguousarray(w2[:, 0], np.float32), float(b2[0])
+        b0_folded = b0 - (self.mean * inv) @ w0.astype(np.float64)
+        self._w0 = np.vstack([w0 * inv[:, None], b0_folded[None]]).astype(np.float32)  # [f + 1, h1]
+        self._w1 = np.vstack([w1, b1[None]]).astype(np.float32)  # [h1 + 1, h2]
+        self._w2 = np.concatenate([w2[:, 0], b2]).astype(np.float32)  # [h2 + 1]
+        self._local = threading.local()
+
+    def scorer(self) -> "Scorer":
+        """The per-token MLP with its own buffers (one per thread)."""
+        return Scorer(self)
 
     def logit(self, features: np.ndarray) -> np.ndarray:
         """features: [n, n_features] -> [n] pre-sigmoid scores."""
@@ -69,13 +77,11 @@ class RejectionPredictor:
 
     def p_reject(self, features: np.ndarray) -> float:
         """features: [n_features] -> P(this drafted token is the block's first rejection)."""
-        h = np.dot(features, self._w0)  # [hidden 1]
-        h += self._b0
-        np.maximum(h, 0.0, out=h)
-        g = np.dot(h, self._w1)  # [hidden 2]
-        g += self._b1
-        np.maximum(g, 0.0, out=g)
-        return 0.5 * (1.0 + math.tanh(0.5 * (float(np.dot(g, self._w2)) + self._b2)))
+        scorer = getattr(self._local, "scorer", None)
+        if scorer is None:
+            scorer = self._local.scorer = self.scorer()
+        scorer.x[:-1] = features
+        return scorer.p_reject()
 
     def save(self, path: str | Path) -> None:
         arrays = {f"w{i}": w for i, (w, _) in enumerate(self.layers)}
@@ -96,6 +102,25 @@ class RejectionPredictor:
                              "retrain with tools/train_predictor.py")
         return cls(layers, mean, scale, float(meta.pop("tau")), meta.pop("drafter"), meta.pop("drafter_sha256"),
                    names, meta)
+
+
+class Scorer:
+    """One row through `RejectionPredictor`'s MLP: five numpy calls into buffers it owns, no allocation."""
+
+    def __init__(self, predictor: RejectionPredictor) -> None:
+        self.w0, self.w1, self.w2 = predictor._w0, predictor._w1, predictor._w2
+        self.x = np.ones(self.w0.shape[0], np.float32)  # [f + 1]: write the features into x[:-1]
+        self.h1 = np.ones(self.w1.shape[0], np.float32)  # [h1 + 1]
+        self.h2 = np.ones(self.w2.shape[0], np.float32)  # [h2 + 1]
+        self._h1, self._h2 = self.h1[:-1], self.h2[:-1]
+
+    def p_reject(self) -> float:
+        """P(first rejection) for the features in `x[:-1]`."""
+        np.dot(self.x, self.w0, out=self._h1)
+        np.maximum(self.h1, 0.0, out=self.h1)
+        np.dot(self.h1, self.w1, out=self._h2)
+        np.maximum(self.h2, 0.0, out=self.h2)
+        return 0.5 * (1.0 + math.tanh(0.5 * float(np.dot(self.h2, self.w2))))  # sigmoid, no overflow
 
 
 @lru_cache(maxsize=8)
@@ -154,7 +179,8 @@ class PredictorPolicy(_NoFeedback):
 
     def __post_init__(self) -> None:
         assert self.k_max >= 1
-        self._features = BlockFeatures()
+        self._scorer = self.predictor.scorer()
+        self._log_top1 = 0.0  # the block's running log product of top-1 probabilities (BlockFeatures' last)
         self._tau = self.predictor.tau if self.tau is None else self.tau
 
     def max_draft(self) -> int:
@@ -165,8 +191,10 @@ class PredictorPolicy(_NoFeedback):
 
     def stop_after_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> bool:
         """The same decision from `distribution_stats(logits)` (the simulator replays logged stats)."""
-        tau = max(self._tau, 1.0 - self.min_worthwhile)
-        return self.predictor.p_reject(self._features.from_stats(index, stats)) >= tau
+        top1, entropy, margin, gap, std = stats
+        self._log_top1 = (0.0 if index == 0 else self._log_top1) + math.log(max(top1, 1e-12))
+        self._scorer.x[:-1] = top1, entropy, margin, gap, std, index, self._log_top1  # as BlockFeatures' row
+        return self._scorer.p_reject() >= max(self._tau, 1.0 - self.min_worthwhile)
 
 
 @dataclass

@@ -224,8 +224,13 @@ def lr_at(frac: float, base: float, warmup_frac: float = 0.03, floor: float = 0.
 
 def train(model: Transformer, examples: list[dict], ckpt_path: Path, *, minutes: float | None, tokens: int | None,
           lr: float = 5e-4, max_tokens: int = 2048, seed: int = 0, eval_fn=None, eval_every_min: float = 8.0,
-          on_improve=None, log=print, progress=None) -> dict:
-    """Train until the minute or token budget (whichever first); resumes from `ckpt_path` if present."""
+          on_improve=None, log=print, progress=None, eval_first: bool = False,
+          loss_weights: dict | None = None) -> dict:
+    """Train until the minute or token budget (whichever first); resumes from `ckpt_path` if present.
+
+    eval_first: evaluate before the first step, so a run continued from a good student only saves
+    (on_improve) weights that beat where it started.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     state = dict(step=0, tokens=0, elapsed=0.0, best=-1.0, history=[])
@@ -267,13 +272,15 @@ def train(model: Transformer, examples: list[dict], ckpt_path: Path, *, minutes:
             if on_improve is not None:
                 on_improve(model, agree, dict(state))
 
+    if eval_first and state["step"] == 0:
+        evaluate_now()
     model.train()
     while frac() < 1.0:
         group = next(it)
         ids, top, hid, w = collate(group)
         for g in opt.param_groups:
             g["lr"] = lr_at(frac(), lr)
-        loss, stats = distill_loss(model, ids, top, hid, w, gram, gen=gen)
+        loss, stats = distill_loss(model, ids, top, hid, w, gram, gen=gen, **(loss_weights or {}))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

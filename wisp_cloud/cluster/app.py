@@ -1,0 +1,131 @@
+"""The Ray Serve application: `replicas` verifier deployments behind one FastAPI ingress, from `ServeSettings`.
+
+`build_app(settings)` binds the graph (the whole settings object goes to every replica); `serve(settings)`
+is `wisp-cloud serve --replicas N` / `--ray-address ADDR`: join or start Ray, start Serve's HTTP proxy on
+the configured host and port, deploy, and block until SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from wisp_cloud.cluster.replica import VerifierReplica
+from wisp_cloud.cluster.router import STATS_PERIOD_S
+from wisp_cloud.settings import ServeSettings
+
+APP_NAME = "wisp"
+VERIFIER = "WispVerifier"
+INGRESS = "WispIngress"
+ROUTER = "wisp_cloud.cluster.router.SessionRouter"
+MAX_ONGOING = 100_000  # admission control is the verifier's own (429/503 with Retry-After), not Serve's queue cap
+DRAIN_S = 60.0  # a replica scaled down finishes the rounds it holds for up to this long
+
+
+def text_side(settings: ServeSettings):
+    """The ingress's share of the model: its text side (chat template, vocabulary size) and tokenizer, no weights."""
+    from wisp_cloud.model.loader import load_args
+    from wisp_cloud.runtime import model_id_for
+    from wisp_cloud.tokenizer import chat_template_of, load_tokenizer
+    from wisp_edge.wire.openai import TextModel
+
+    model_dir = Path(settings.model)
+    args = load_args(model_dir)
+    try:
+        chat_template = chat_template_of(model_dir)
+    except ValueError:
+        chat_template = None
+    model_id = settings.served_model_name or model_id_for(model_dir)
+    text_model = TextModel(model_id, args.max_seq_len, args.vocab_size, frozenset(args.eos_token_ids), chat_template)
+    return text_model, load_tokenizer(model_dir)
+
+
+class Ingress:
+    """The HTTP API of `server.create_app`, over the verifier replicas."""
+
+    def __init__(self, verifier, settings: ServeSettings) -> None:
+        self.verifier, self.settings = verifier, settings
+
+    def __serve_build_asgi_app__(self):
+        from wisp_cloud.access import AccessPolicy
+        from wisp_cloud.cluster.remote import RemoteService
+        from wisp_cloud.server import create_app
+
+        text_model, tokenizer = text_side(self.settings)
+        return create_app(RemoteService(self.verifier), text_model, tokenizer,
+                          access=AccessPolicy.from_settings(self.settings))
+
+
+def uses_gpu(settings: ServeSettings) -> bool:
+    if settings.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return settings.device == "cuda"
+
+
+def verifier_options(settings: ServeSettings) -> dict:
+    from ray.serve.config import RequestRouterConfig
+
+    options = {"name": VERIFIER, "max_ongoing_requests": MAX_ONGOING,
+               # One GPU each on CUDA; on a CPU the forward threads are --threads, and Ray's CPU count stays free.
+               "ray_actor_options": {"num_cpus": 0, "num_gpus": 1 if uses_gpu(settings) else 0},
+               "request_router_config": RequestRouterConfig(request_router_class=ROUTER,
+                                                            request_routing_stats_period_s=STATS_PERIOD_S,
+                                                            request_routing_stats_timeout_s=5.0),
+               "graceful_shutdown_timeout_s": DRAIN_S, "health_check_period_s": 2.0,
+               "health_check_timeout_s": 30.0}
+    if settings.max_replicas is not None:
+        low = settings.min_replicas or 1
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": settings.max_replicas,
+                                         "initial_replicas": min(max(settings.replicas, low), settings.max_replicas),
+                                         "target_ongoing_requests": settings.target_ongoing_requests}
+    else:
+        options["num_replicas"] = settings.replicas
+    return options
+
+
+def build_app(settings: ServeSettings):
+    from ray import serve
+
+    verifier = serve.deployment(VerifierReplica).options(**verifier_options(settings))
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name=INGRESS, max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(verifier.bind(settings), settings)
+
+
+def serve(settings: ServeSettings) -> int:
+    import ray
+    from ray import serve as ray_serve
+
+    if settings.port == 0:
+        raise ValueError("--port 0 is not supported with replicas: name the port Ray Serve should listen on")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)} \
+            if settings.ssl_certfile else {}
+        ray_serve.start(http_options={"host": settings.host, "port": settings.port, **tls})
+        ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        scale = (f"{settings.min_replicas or 1}..{settings.max_replicas} replicas (autoscaling, target "
+                 f"{settings.target_ongoing_requests:g} requests each)") if settings.max_replicas else \
+            f"{settings.replicas} replicas"
+        where = settings.ray_address or "a local Ray cluster"
+        print(f"WISP verifier on Ray Serve: {scale} on {where}\n  listening    "
+              f"{'https' if tls else 'http'}://{settings.host}:{settings.port}  (/health lists the replicas)",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            ray_serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
