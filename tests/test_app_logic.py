@@ -31,7 +31,7 @@ def write_profile(path: Path) -> Path:
     profiling itself, and these tests do not depend on how well it predicts batch times."""
     from wisp_cloud.estimator import TimeEstimator, make_metadata
 
-    TimeEstimator((60.0, 1.7, 0.0, 0.02), metadata=make_metadata("target", "cpu", "float32")).save(path)
+    TimeEstimator((60.0, 1.7, 0.0, 0.02, 0.0), metadata=make_metadata("target", "cpu", "float32")).save(path)
     return path
 
 

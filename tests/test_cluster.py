@@ -63,17 +63,16 @@ def tiny_model_dir(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-target", max_seq_len=256)
 
 
-LIVE = os.environ.get("WISP_RAY_TESTS") == "1"
+LIVE = os.environ.get("WISP_RAY_TESTS", "1") != "0"  # WISP_RAY_TESTS=0 skips the live cluster (about 45 s)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir):
-    if not LIVE:  # said plainly in the README and the closing note: not yet a passing part of the suite
-        pytest.skip("live Ray cluster tests are opt-in (WISP_RAY_TESTS=1): on the loaded 2-core CI machine "
-                    "/health listed 1 of 2 replicas within 60 s; this is being debugged")
+    if not LIVE:
+        pytest.skip("live Ray cluster tests skipped (WISP_RAY_TESTS=0)")
     where = tmp_path_factory.mktemp("cluster")
     profile = where / "profile.json"  # a fixed estimator: nothing to measure at start
-    TimeEstimator((1.0, 0.01, 0.0, 0.0), metadata={"device": "cpu", "dtype": "float32"}).save(profile)
+    TimeEstimator((1.0, 0.01, 0.0, 0.0, 0.0), metadata={"device": "cpu", "dtype": "float32"}).save(profile)
     with LiveServer("--replicas", str(REPLICAS), "--model", str(tiny_model_dir), "--profile", str(profile),
                     "--threads", "1", "--max-queue", str(MAX_QUEUE), "--kv-budget-mb", "64", "--log-level", "warning",
                     log_path=where / "server.log") as live:
@@ -93,7 +92,7 @@ def _replicas(url: str) -> list[dict]:
     return [r for r in health["replicas"] if r["state"] == "running"]
 
 
-def _wait_for_replicas(url: str, gone: str | None = None, timeout_s: float = 60.0) -> list[dict]:
+def _wait_for_replicas(url: str, gone: str | None = None, timeout_s: float = 240.0) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while True:
         replicas = _replicas(url)

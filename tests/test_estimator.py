@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from wisp_cloud.estimator import (
     FEATURE_NAMES,
+    FORMAT,
     Margin,
     TimeEstimator,
     VerifyCost,
@@ -14,8 +17,10 @@ from wisp_cloud.estimator import (
     make_metadata,
     split,
 )
+from wisp_cloud.scheduler import VerifyJob
 
-TRUE = (4.0, 0.03, 1e-5, 3e-4)  # ms: launch, per new token, per new token x length, per cached token
+TRUE = (4.0, 0.03, 1e-5, 3e-4, 0.05)  # ms: launch, per new token, per new token x length, per cached token,
+# per row of logits
 
 
 def random_batch(rng: np.random.Generator) -> list[VerifyCost]:
@@ -25,7 +30,7 @@ def random_batch(rng: np.random.Generator) -> list[VerifyCost]:
         if rng.random() < 0.8:
             batch.append(VerifyCost(int(rng.integers(1, 10)), int(rng.integers(50, 4000))))
         else:
-            batch.append(VerifyCost(int(rng.integers(32, 2048)), int(rng.integers(0, 256))))
+            batch.append(VerifyCost(int(rng.integers(32, 2048)), int(rng.integers(0, 256)), 1))  # a prefill
     return batch
 
 
@@ -39,21 +44,24 @@ def synthetic(n: int, coefficients=TRUE, noise=0.02, seed=0) -> list[tuple[list[
     return samples
 
 
-def test_verify_cost_derives_length_and_rejects_negatives():
+def test_verify_cost_derives_length_and_rows_and_rejects_nonsense():
     assert VerifyCost(5, 100).total_len == 105
+    assert VerifyCost(5, 100).rows == 5 and VerifyCost(50, 0, 1).rows == 1 and VerifyCost(50, 0, 0).rows == 0
     with pytest.raises(ValueError):
         VerifyCost(-1, 0)
+    with pytest.raises(ValueError):
+        VerifyCost(3, 0, 4)  # more rows of logits than tokens run
 
 
 def test_features_by_hand():
-    batch = [VerifyCost(2, 10), VerifyCost(100, 0)]
-    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0)
+    batch = [VerifyCost(2, 10), VerifyCost(100, 0, 1)]
+    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0, 3.0)
 
 
 def test_predict_is_the_additive_model():
     est = TimeEstimator(TRUE)
-    batch = [VerifyCost(3, 500), VerifyCost(1000, 24)]
-    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524
+    batch = [VerifyCost(3, 500), VerifyCost(1000, 24, 1)]
+    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524 + 0.05 * 4
     assert est.predict(batch) == pytest.approx(expected)
     # a batch is the intercept plus each member's marginal cost: the scheduler prices batches this way
     assert est.predict(batch) == pytest.approx(est.c0 + sum(est.request_cost_ms(r) for r in batch))
@@ -97,7 +105,7 @@ def test_relative_fit_beats_absolute_under_proportional_noise():
 
 def test_coefficients_stay_non_negative_when_data_pulls_one_negative():
     # Times that fall with the cached prefix: unconstrained least squares would price cached tokens below zero.
-    pulling = (6.0, 0.03, 2e-6, -4e-4)
+    pulling = (6.0, 0.03, 2e-6, -4e-4, 0.01)
     samples = [(b, max(ms, 0.5)) for b, ms in synthetic(120, coefficients=pulling, noise=0.01, seed=3)]
     X = np.array([batch_features(b) for b, _ in samples])
     y = np.array([ms for _, ms in samples])
@@ -160,9 +168,39 @@ def test_save_load_round_trip(tmp_path):
     assert len(loaded.profile) == len(est.profile) and loaded.profile[0] == (est.profile[0][0], est.profile[0][1])
     batch = synthetic(1, seed=9)[0][0]
     assert loaded.predict(batch) == est.predict(batch)
-    path.write_text(path.read_text().replace("wisp-estimator/1", "something-else"))
+    path.write_text(path.read_text().replace("wisp-estimator/2", "something-else"))
     with pytest.raises(ValueError):
         TimeEstimator.load(path)
+
+
+def test_a_profile_of_the_older_format_loads_without_logit_rows(tmp_path):
+    """Profiles written before the logit-row term (four coefficients, [n, C] requests) still load, with
+    per_logit_row_ms = 0 and every request's rows = n, so they predict what they always did; `read_format`
+    tells the server to re-measure its default profile."""
+    old = {"format": "wisp-estimator/1", "margin": {"scale": 1.0, "extra_ms": 0.0}, "metadata": {},
+           "window": 10, "refit_every": 5, "min_refit_samples": 4, "relative": True,
+           "coefficients": dict(zip(FEATURE_NAMES[:4], TRUE[:4])), "profile": [[[[3, 40], [9, 0]], 12.5]]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    est = TimeEstimator.load(path)
+    assert est.coefficients == (*TRUE[:4], 0.0) and est.read_format == "wisp-estimator/1"
+    assert est.profile[0][0] == [VerifyCost(3, 40), VerifyCost(9, 0)]
+    assert est.predict([VerifyCost(3, 40)]) == pytest.approx(4.0 + 0.03 * 3 + 1e-5 * 3 * 43 + 3e-4 * 40)
+    est.save(path)
+    assert TimeEstimator.load(path).read_format == FORMAT  # saved again: the current format
+
+
+def test_each_job_kind_reads_its_own_logit_rows():
+    """A verify block or a decode step reads every row, a prefill its last, a resume none: the estimator
+    prices a verify token above a prompt token by the output projection."""
+    def job(kind, n):
+        return VerifyJob(job_id=kind, session_id="s", new_tokens=n, cached_tokens=7, draft_len=0, arrival=0.0,
+                         kind=kind)
+
+    assert [job(k, 6).cost.rows for k in ("verify", "decode", "prefill", "resume")] == [6, 6, 1, 0]
+    est = TimeEstimator(TRUE)
+    assert est.request_cost_ms(job("verify", 6).cost) - est.request_cost_ms(job("prefill", 6).cost) == \
+        pytest.approx(5 * TRUE[4])
 
 
 def test_online_refit_tracks_drift_in_a_bounded_window():
@@ -201,7 +239,7 @@ def test_policies_import_without_torch():
 
 
 def test_backlog_is_each_jobs_marginal_cost_plus_one_intercept_per_batch():
-    est = TimeEstimator((50.0, 2.0, 0.0, 0.1))
+    est = TimeEstimator((50.0, 2.0, 0.0, 0.1, 0.0))
     assert est.backlog_ms([], 100) == 0.0
     jobs = [VerifyCost(60, 100), VerifyCost(60, 0)]  # 120 tokens: two batches of at most 100
     raw = (2.0 * 60 + 0.1 * 100) + 2.0 * 60 + 2 * 50.0

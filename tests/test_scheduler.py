@@ -17,7 +17,8 @@ from wisp_cloud.wisp_scheduler import WispScheduler
 
 INF = float("inf")
 BIG = 10**12  # memory and tokens that never bind
-COEFFS = (5.0, 0.05, 1e-5, 1e-3)  # ms: launch, per new token, per new token x length, per cached token
+COEFFS = (5.0, 0.05, 1e-5, 1e-3, 0.0)  # ms: launch, per new token, per new token x length, per cached token,
+# per logit row (0: these tests price tokens alone)
 _ids = itertools.count()
 
 

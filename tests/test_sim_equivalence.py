@@ -33,7 +33,8 @@ from wisp_edge.wire.errors import ApiError  # noqa: E402
 from wisp_edge.wire.sampling import GREEDY  # noqa: E402
 
 VOCAB = 32
-COEFFS = (4.0, 0.5, 0.002, 0.01)  # ms: launch, per new token, per new token x length, per cached token
+COEFFS = (4.0, 0.5, 0.002, 0.01, 0.3)  # ms: launch, per new token, per new token x length, per cached token,
+# per logit row
 BLOCK = 8  # tokens per KV block
 BLOCKS = 16  # the whole pool: 128 tokens
 LIMITS = dict(max_batch_tokens=64, max_draft=8, max_sessions=5, max_queue=4, max_backlog_ms=80.0)

@@ -182,7 +182,7 @@ def main() -> int:
 
     tiny = tiny_checkpoint(work / "tiny", max_seq_len=256)
     profile = work / "tiny-profile.json"
-    TimeEstimator((1.0, 0.01, 0.0, 0.0), metadata={"device": "cpu", "dtype": "float32"}).save(profile)
+    TimeEstimator((1.0, 0.01, 0.0, 0.0, 0.0), metadata={"device": "cpu", "dtype": "float32"}).save(profile)
     tiny_args = ["--model", str(tiny), "--profile", str(profile), "--kv-budget-mb", "64"]
     direct = start(tiny_args, work / "direct.log", 1)
     try:

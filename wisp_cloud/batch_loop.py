@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from wisp_cloud.dispatch import Dispatcher
-from wisp_cloud.estimator import VerifyCost
 from wisp_cloud.metrics import Metrics
 from wisp_cloud.scheduler import INF, Batch, VerifyJob
 from wisp_cloud.session_table import Session
@@ -193,7 +192,7 @@ class BatchLoop:
         self.metrics.record_batch(len(pendings), batch.new_tokens or sum(c.new_tokens for c in costs), measured_ms,
                                   predicted_ms)
         if self.online_refit:
-            estimator.observe([VerifyCost(c.new_tokens, c.cached_tokens) for c in costs], measured_ms)
+            estimator.observe(costs, measured_ms)
         demoted = getattr(self.dispatch.scheduler, "demoted_total", 0)
         if demoted > self._demoted_seen:
             self.metrics.demoted.inc(demoted - self._demoted_seen)

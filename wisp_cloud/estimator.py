@@ -1,10 +1,14 @@
 """Verification time estimator: an additive linear model of one batched verify forward.
 
-    T(B) = c0 + c1 * sum(n_i) + c2 * sum(n_i * L_i) + c3 * sum(C_i)
+    T(B) = c0 + c1 * sum(n_i) + c2 * sum(n_i * L_i) + c3 * sum(C_i) + c4 * sum(R_i)
 
 n_i = new (uncached) tokens of request i, L_i = its total length after the round (C_i + n_i), C_i = its
-cached prefix tokens. c0 is the per-batch launch cost, c1 the per-token MLP/projection cost, c2 the
-attention cost of new tokens against the whole context, c3 reading the cached KV. Because the model is
+cached prefix tokens, R_i = the rows of logits it reads (a verify block all of its n_i rows, a prefill only
+its last, a resume none). c0 is the per-batch launch cost, c1 the per-token MLP/projection cost, c2 the
+attention cost of new tokens against the whole context, c3 reading the cached KV, c4 the output
+projection of one row (a [hidden x vocab] product: for the shipped target about a fifth of a token's
+FLOPs, so a verify token costs more than a prompt token; without it the held-out error on the full
+profile grid was 13%, with it 7%). Because the model is
 a sum over requests, a warm request (long cache, few new tokens) and a cold one (a whole prompt) compare
 on one scale, and a batch's time is the intercept plus each member's own marginal cost; the scheduler
 relies on that to price a batch incrementally.
@@ -32,20 +36,33 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
-FEATURE_NAMES = ("intercept_ms", "per_new_token_ms", "per_new_token_x_len_ms", "per_cached_token_ms")
-FORMAT = "wisp-estimator/1"
+FEATURE_NAMES = ("intercept_ms", "per_new_token_ms", "per_new_token_x_len_ms", "per_cached_token_ms",
+                 "per_logit_row_ms")
+FORMAT = "wisp-estimator/2"
+OLD_FORMATS = ("wisp-estimator/1",)  # four coefficients, no logit rows: read with per_logit_row_ms = 0
 
 
 @dataclass(frozen=True)
 class VerifyCost:
-    """What one request asks of a verify forward: tokens to run now and the prefix already in its KV."""
+    """What one request asks of a verify forward: tokens to run now, the prefix already in its KV, and the
+    rows of logits it reads (None: every new token's, as a verify block does)."""
 
     new_tokens: int
     cached_tokens: int
+    logit_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.new_tokens < 0 or self.cached_tokens < 0:
             raise ValueError(f"token counts must be >= 0, got new={self.new_tokens} cached={self.cached_tokens}")
+        if self.logit_rows is None:  # a verify block: one row per token (frozen, hence object.__setattr__)
+            object.__setattr__(self, "logit_rows", self.new_tokens)
+        if not 0 <= self.logit_rows <= self.new_tokens:
+            raise ValueError(f"logit_rows must be in [0, new_tokens={self.new_tokens}], got {self.logit_rows}")
+
+    @property
+    def rows(self) -> int:
+        """R: rows of logits the forward computes for this request."""
+        return self.logit_rows
 
     @property
     def total_len(self) -> int:
@@ -56,14 +73,15 @@ class VerifyCost:
 Sample = tuple[Sequence[VerifyCost], float]  # (the batch, measured milliseconds)
 
 
-def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, float, float, float]:
-    """[1, sum n, sum n*L, sum C]: the model's design row for one batch."""
-    new = new_x_len = cached = 0
+def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, float, float, float, float]:
+    """[1, sum n, sum n*L, sum C, sum R]: the model's design row for one batch."""
+    new = new_x_len = cached = rows = 0
     for req in batch:
         new += req.new_tokens
         new_x_len += req.new_tokens * req.total_len
         cached += req.cached_tokens
-    return 1.0, float(new), float(new_x_len), float(cached)
+        rows += req.rows
+    return 1.0, float(new), float(new_x_len), float(cached), float(rows)
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,7 @@ def split(samples: Sequence[Sample], holdout_fraction: float, seed: int = 0) -> 
 
 
 def _design(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, 4]
+    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, 5]
     y = np.array([ms for _, ms in samples], dtype=np.float64)  # [n_samples]
     return X.reshape(len(samples), len(FEATURE_NAMES)), y
 
@@ -135,7 +153,7 @@ class TimeEstimator:
 
     def __init__(
         self,
-        coefficients: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+        coefficients: Sequence[float] = (0.0,) * len(FEATURE_NAMES),
         *,
         margin: Margin = Margin(),
         metadata: dict[str, Any] | None = None,
@@ -152,6 +170,7 @@ class TimeEstimator:
         self.refit_every = refit_every
         self.min_refit_samples = min_refit_samples
         self.relative = relative
+        self.read_format = FORMAT  # the format it was loaded from (`from_dict`)
         self.profile: list[Sample] = []
         self.recent: deque[Sample] = deque(maxlen=window)
         self._since_refit = 0
@@ -162,12 +181,12 @@ class TimeEstimator:
         c = [float(x) for x in coefficients]
         if len(c) != len(FEATURE_NAMES) or any(x < 0 or not math.isfinite(x) for x in c):
             raise ValueError(f"need {len(FEATURE_NAMES)} finite non-negative coefficients, got {coefficients}")
-        self.c0, self.c1, self.c2, self.c3 = c
+        self.c0, self.c1, self.c2, self.c3, self.c4 = c
         self.version += 1
 
     @property
-    def coefficients(self) -> tuple[float, float, float, float]:
-        return self.c0, self.c1, self.c2, self.c3
+    def coefficients(self) -> tuple[float, float, float, float, float]:
+        return self.c0, self.c1, self.c2, self.c3, self.c4
 
     @property
     def margin(self) -> Margin:
@@ -183,7 +202,7 @@ class TimeEstimator:
     def request_cost_ms(self, req: VerifyCost) -> float:
         """The request's marginal raw cost: what it adds to any batch (no intercept, no margin)."""
         n = req.new_tokens
-        return self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens
+        return self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens + self.c4 * req.rows
 
     def with_margin(self, raw_ms: float) -> float:
         return self._margin.apply(raw_ms)
@@ -245,7 +264,7 @@ class TimeEstimator:
         weights = 1.0 / y if self.relative else np.ones_like(y)  # [n_samples]
         # Columns span ~1 to ~1e7 (n*L); scale each to unit norm so NNLS is well conditioned. A positive
         # column scale keeps the non-negativity constraint intact.
-        Xw = X * weights[:, None]  # [n_samples, 4]
+        Xw = X * weights[:, None]  # [n_samples, 5]
         norms = np.linalg.norm(Xw, axis=0)
         norms[norms == 0] = 1.0
         scaled, _ = nnls(Xw / norms, y * weights)
@@ -284,15 +303,15 @@ class TimeEstimator:
             "relative": self.relative,
         }
         if include_profile:  # kept so a loaded estimator refits online exactly as the saved one would
-            out["profile"] = [[[[r.new_tokens, r.cached_tokens] for r in batch], ms] for batch, ms in self.profile]
+            out["profile"] = [[[[r.new_tokens, r.cached_tokens, r.rows] for r in batch], ms] for batch, ms in self.profile]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TimeEstimator:
-        if data.get("format") != FORMAT:
+        if data.get("format") not in (FORMAT, *OLD_FORMATS):
             raise ValueError(f"not a {FORMAT} profile (format={data.get('format')!r})")
         est = cls(
-            [data["coefficients"][name] for name in FEATURE_NAMES],
+            [data["coefficients"].get(name, 0.0) for name in FEATURE_NAMES],
             margin=Margin(**data["margin"]),
             metadata=data.get("metadata", {}),
             window=data["window"],
@@ -300,7 +319,8 @@ class TimeEstimator:
             min_refit_samples=data["min_refit_samples"],
             relative=data.get("relative", True),
         )
-        est.profile = [([VerifyCost(n, c) for n, c in batch], float(ms)) for batch, ms in data.get("profile", [])]
+        est.profile = [([VerifyCost(*req) for req in batch], float(ms)) for batch, ms in data.get("profile", [])]
+        est.read_format = data["format"]  # an older format loads, but a server re-profiles its default file
         return est
 
     def save(self, path: str | Path, include_profile: bool = True) -> None:

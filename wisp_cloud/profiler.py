@@ -44,7 +44,7 @@ class ProfileRequest:
 
     @property
     def cost(self) -> VerifyCost:
-        return VerifyCost(self.new_tokens, self.cached_tokens)
+        return VerifyCost(self.new_tokens, self.cached_tokens, self.logit_rows)
 
     @property
     def logit_rows(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from wisp_cloud.estimator import Margin, TimeEstimator
+from wisp_cloud.estimator import FORMAT, Margin, TimeEstimator
 from wisp_cloud.model.loader import load_model
 from wisp_cloud.model.transformer import Transformer
 from wisp_cloud.profiler import DTYPES, default_profile_path, holdout_report, load_profile, run_profile, save_profile
@@ -84,11 +84,14 @@ def load_estimator(settings: ServeSettings, model: Transformer, device: str, dty
     # CPU times depend on the thread count: one profile per count.
     threads = torch.get_num_threads() if device == "cpu" else None
     path = settings.profile or default_profile_path(settings.model, device, dtype, threads)
-    if path.exists():
-        estimator = load_profile(path, device=device, dtype=dtype)
+    estimator = load_profile(path, device=device, dtype=dtype) if path.exists() else None
+    if estimator is not None and (settings.profile or estimator.read_format == FORMAT):
         note = "loaded"
-    else:
-        log.info("no estimator profile for this device and dtype: measuring a quick one (about 10 s)")
+    else:  # none yet, or one of an older estimator format at the default path: measure a new one
+        if estimator is not None:
+            log.info("the estimator profile %s has an older format (%s): re-measuring", path, estimator.read_format)
+        else:
+            log.info("no estimator profile for this device and dtype: measuring a quick one (about 10 s)")
         result = run_profile(model, quick=True, progress=False, model_name=model_id)
         estimator = result.estimator
         try:

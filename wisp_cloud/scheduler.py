@@ -37,6 +37,14 @@ def expected_accepted(alpha: float, draft_len: int) -> float:
     return alpha * (1.0 - alpha**draft_len) / (1.0 - alpha)
 
 
+def logit_rows(kind: str, new_tokens: int) -> int:
+    """Rows of logits a job reads (the estimator's R): a prefill samples the first token from its last row, a
+    resume samples nothing (the edge already holds that token), a verify block or a decode step reads all."""
+    if kind == "prefill":
+        return min(new_tokens, 1)
+    return 0 if kind == "resume" else new_tokens
+
+
 @dataclass
 class VerifyJob:
     """One queued verify (or prefill) request: what it costs and when its session needs the answer."""
@@ -59,7 +67,7 @@ class VerifyJob:
 
     @property
     def cost(self) -> VerifyCost:
-        return VerifyCost(self.new_tokens, self.cached_tokens)
+        return VerifyCost(self.new_tokens, self.cached_tokens, logit_rows(self.kind, self.new_tokens))
 
     @property
     def expected_accepted(self) -> float:

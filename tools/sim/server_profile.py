@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from wisp_cloud.estimator import Margin, TimeEstimator, VerifyCost, batch_features, make_metadata, split
+from wisp_cloud.estimator import FEATURE_NAMES, Margin, TimeEstimator, VerifyCost, batch_features, make_metadata, split
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ class ServerProfile:
     kv_budget_bytes: float  # inf: memory never binds
     max_batch_tokens: int
     noise_sigma: float  # log-normal sigma of measured / predicted forward time
-    raw_coefficients: tuple[float, float, float, float]  # the profile's own fit: the simulated GPU's mean time
+    raw_coefficients: tuple[float, ...]  # the profile's own fit: the simulated GPU's mean time
     roofline: dict | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -97,15 +97,17 @@ class ServerProfile:
 class ForwardModel:
     """How long a batch takes on the simulated accelerator, in ms."""
 
-    coefficients: tuple[float, float, float, float]
+    coefficients: tuple[float, ...]
     noise_sigma: float
     roofline: dict | None = None
+
+    def __post_init__(self) -> None:
+        self._model = TimeEstimator(self.coefficients)  # the estimator's own formula, no margin
 
     def mean_ms(self, batch: Sequence[VerifyCost]) -> float:
         if self.roofline is not None:
             return roofline_ms(batch, self.roofline)
-        c0, c1, c2, c3 = self.coefficients
-        return c0 + sum(c1 * r.new_tokens + c2 * r.new_tokens * r.total_len + c3 * r.cached_tokens for r in batch)
+        return self._model.predict_raw(batch)
 
     def sample_ms(self, batch: Sequence[VerifyCost], rng: np.random.Generator) -> float:
         mean = self.mean_ms(batch)
@@ -139,12 +141,13 @@ def load_server_profile(name_or_path: str | Path, *, kv_budget_bytes: float | No
 
 
 def _with_coefficients(data: dict, coefficients: Sequence[float | None]) -> dict:
-    names = list(data["coefficients"])
-    old = [data["coefficients"][k] for k in names]
-    new = [o if c is None else float(c) for o, c in zip(old, coefficients)]
+    names = list(FEATURE_NAMES)
+    old = [data["coefficients"].get(k, 0.0) for k in names]
+    given = list(coefficients) + [None] * (len(names) - len(coefficients))
+    new = [o if c is None else float(c) for o, c in zip(old, given)]
 
     def predict(c, batch):
-        return c[0] + sum(c[1] * n + c[2] * n * (n + cached) + c[3] * cached for n, cached in batch)
+        return TimeEstimator(c).predict_raw([VerifyCost(*req) for req in batch])
 
     profile = [[batch, ms + predict(new, batch) - predict(old, batch)] for batch, ms in data.get("profile", [])]
     return {**data, "coefficients": dict(zip(names, new)), "profile": profile,
@@ -185,14 +188,15 @@ def fit_with_kv_read(est: TimeEstimator, samples, c3: float) -> None:
     up the KV reads of its mid-sized batches), and a simulated centralized server would read its KV free."""
     from scipy.optimize import nnls
 
-    X = np.array([batch_features(batch) for batch, _ in samples])  # [n, 4]
+    X = np.array([batch_features(batch) for batch, _ in samples])  # [n, 5]; logit rows unused: every row's
+    # logits are already in the roofline's 2 x params FLOPs per new token
     y = np.array([ms for _, ms in samples])  # [n]
     w = 1.0 / y
     Xw = X[:, :3] * w[:, None]
     norms = np.linalg.norm(Xw, axis=0)
     head, _ = nnls(Xw / norms, (y - c3 * X[:, 3]) * w)
     est.fit(samples)  # the profile samples and the bookkeeping; the coefficients are replaced below
-    est._set_coefficients([*(head / norms), c3])
+    est._set_coefficients([*(head / norms), c3, 0.0])
     est.metadata["fit"] = asdict(est.evaluate(samples))
 
 

@@ -120,8 +120,16 @@ class RemoteService:
     async def _each(self, method: str) -> dict[str, object]:
         """`method` of every replica this ingress sees, or the exception it raised, by replica id."""
         ids = self.replica_ids()
-        calls = [asyncio.wait_for(self._call(method, key=target_key(rid)), VIEW_TIMEOUT_S) for rid in ids]
-        results = dict(zip(ids, await asyncio.gather(*calls, return_exceptions=True)))
+        # One at a time, not gathered: calls made while serving one HTTP request share its internal request
+        # id, and Ray Serve 2.60's router indexes pending requests by that id, so of two concurrent calls
+        # one was matched to the other's replica and the other was never routed (it hung until the
+        # timeout: half of all /health answers listed a live replica as unreachable).
+        results: dict[str, object] = {}
+        for rid in ids:
+            try:
+                results[rid] = await asyncio.wait_for(self._call(method, key=target_key(rid)), VIEW_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001  (listed as unreachable below)
+                results[rid] = exc
         for rid, value in results.items():
             if isinstance(value, BaseException):
                 log.warning("replica did not answer", extra={"replica": rid, "method": method,
