@@ -6,8 +6,9 @@ float64, on random logits of several shapes and scales, on edge cases (ties, a g
 logits) and on real drafter logits; and the per-token MLP (standardisation and biases folded into the
 weights) and the policy's own feature rows against the batch path `tools/train_predictor.py` evaluates
 with, on the shipped weights' held-out traces.
-Tolerances: top-1 and margin 1e-6 absolute (float32 rounding of the exponentials), entropy 3e-5
-nats, logit gap 1e-4, logit std 1e-4 relative; measured errors are 10x smaller.
+Tolerances: top-1 and margin 1e-6 absolute (float32 rounding of the exponentials), entropy 2e-4
+nats (a float32 sum of e * l taken against the maximum logit, ~20 on real rows: measured up to 1e-4),
+logit gap 1e-4, logit std 1e-4 relative; the other measured errors are 10x smaller.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from wisp_edge.controller.features import (MAX_LOGIT_GAP, DistributionStats, dis
                                            top1_prob)
 from wisp_edge.controller.predictor import PREDICTOR_DIR, RejectionPredictor
 
-TOL = dict(top1=1e-6, entropy=3e-5, margin=1e-6, gap=1e-4, std_rel=1e-4)
+TOL = dict(top1=1e-6, entropy=2e-4, margin=1e-6, gap=1e-4, std_rel=1e-4)
 
 
 def reference(logits: np.ndarray) -> tuple[float, float, float, float, float]:

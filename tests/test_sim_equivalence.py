@@ -25,7 +25,9 @@ from wisp_cloud.dispatch import Dispatcher  # noqa: E402
 from wisp_cloud.estimator import Margin, TimeEstimator  # noqa: E402
 from wisp_cloud.generate import generate  # noqa: E402
 from wisp_cloud.kv_ledger import KVLedger  # noqa: E402
+from wisp_cloud.scheduler import FcfsScheduler, VerifyJob  # noqa: E402
 from wisp_cloud.service import VerifierService  # noqa: E402
+from wisp_cloud.session_table import SessionRecord, SessionTable  # noqa: E402
 from wisp_cloud.settings import ServeSettings  # noqa: E402
 from wisp_cloud.slo_window import SloWindow  # noqa: E402
 from wisp_cloud.wisp_scheduler import WispScheduler  # noqa: E402
@@ -269,6 +271,25 @@ def test_the_slo_window_counts_the_latest_outcomes_of_the_last_seconds():
     assert window.attainment(4.0) == (2 / 3, 3)  # the first fell out of the three kept
     assert window.attainment(13.5) == (1.0, 1)  # only t = 4 is within 10 s
     assert window.attainment(20.0) == (1.0, 0)
+
+
+def test_only_rounds_bound_by_the_token_rate_count_toward_attainment():
+    """A prefill's deadline (one token's time after it was queued) is no rate: a cold prompt always misses
+    it. Counted, every prefill was a miss and admission refused newcomers with `slo` for it."""
+    dispatch = Dispatcher(FcfsScheduler(), TimeEstimator(), KVLedger(1 << 20, 64, 16), SessionTable(),
+                          Limits(8, 1000.0, 8), max_batch_tokens=256, max_draft=8)
+    session = SessionRecord("s", "speculative", slo_rate=4.0, first_token_time=0.0, last_used=0.0)
+
+    def job(kind: str) -> VerifyJob:
+        return VerifyJob(kind, "s", new_tokens=40 if kind == "prefill" else 5, cached_tokens=0,
+                         draft_len=0 if kind == "prefill" else 4, arrival=0.0, slo_rate=4.0, kind=kind)
+
+    late = 5.0  # seconds: past every deadline below
+    assert dispatch.finish(job("prefill"), session, 0, late) is None
+    assert dispatch.finish(job("resume"), session, 0, late) is None
+    assert dispatch.slo.attainment(late) == (1.0, 0)
+    assert dispatch.finish(job("verify"), session, 4, late) is False
+    assert dispatch.slo.attainment(late) == (0.0, 1)
 
 
 def test_the_ledger_reserves_queued_growth_and_evicts_the_least_recent_unkept():

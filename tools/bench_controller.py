@@ -4,19 +4,21 @@
     python tools/bench_controller.py [--drafters q4,student] [--tokens 48] [--threads 1] [--segments 12]
 
 For each drafter it drafts greedily along a few chat prompts and, for every drafted token, times the
-drafting (`drafter.logits()`, one token evaluated, then the greedy argmax) and then one stop
-rule, rotating among three: `new` (the product's `PredictorPolicy.stop_after`, with llama.cpp's SIMD
-kernels when installed), `numpy` (the product's numpy-only path, for a device without llama.cpp) and
-`previous` (the code before this change, kept here only). "In engine order" times the rule right after
-the drafting (its code and buffers gone cold while the drafter evaluated); "warm" times each rule alone
-in a loop over the same logits. Then the drafting critical path as the engine runs it
-(`wisp_edge.drafting.Drafting.next`), in segments of 16 tokens rotating among: no stop rule, the
-predictor run after the drafting (`overlap` off, the engine's default) and the predictor run while the
-drafter evaluates the next token (`overlap` on, the engine's `overlap_stop_rule`): per token, the wall
-time beyond the drafter's own evaluation (its calls timed in whichever thread ran them) and that
-evaluation's time. The controller's cost on the critical path is the first minus the no-rule segments'
-(`controller_ms`); the evaluation's time is printed beside it, since running concurrently can slow it.
-It also reports how far the new features are from the previous ones, whether every stop
+drafting (`drafter.logits()`, one token evaluated, then the greedy argmax) and then one thing, rotating
+among the stop rules and the parts of the product's: `new` (the product's `PredictorPolicy.stop_after`,
+with llama.cpp's SIMD kernels when installed), `numpy` (the product's numpy-only path, for a device
+without llama.cpp), `previous` (the code before this change, kept here only), and the parts of `new`:
+`features` (`DistributionStats` alone), `exp_pass` (the one exp-and-sum kernel call over the vocabulary
+inside it) and `mlp` (the decision from a fixed feature row: the MLP and its bookkeeping). "In engine
+order" times it right after the drafting (its code and buffers gone cold while the drafter evaluated);
+"warm" times each rule alone in a loop over the same logits. Then the drafting critical path as the
+engine runs it (`wisp_edge.drafting.Drafting.next`), in segments of 16 tokens rotating among: no stop
+rule, the predictor run after the drafting (`overlap` off, the engine's default) and the predictor run
+while the drafter evaluates the next token (`overlap` on, the engine's `overlap_stop_rule`): per token,
+the wall time beyond the drafter's own evaluation (its calls timed in whichever thread ran them) and
+that evaluation's time. The controller's cost on the critical path is the first minus the no-rule
+segments' (`controller_ms`); the evaluation's time is printed beside it, since running concurrently can
+slow it. It also reports how far the new features are from the previous ones, whether every stop
 decision agreed, and, on the held-out rounds of the shipped traces, the predictor's miss rate at the
 first rejection and recall of acceptable tokens through the batch path (what tools/train_predictor.py
 evaluates) and through the per-token path. Last, the drafter's prefill on each turn of a short chat
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wisp_edge.controller.features import (MAX_LOGIT_GAP, BlockFeatures, DistributionStats,  # noqa: E402
-                                           distribution_stats, ggml_softmax)
+                                           data_address, distribution_stats, ggml_softmax)
 from wisp_edge.drafting import Drafting  # noqa: E402
 from wisp_edge.engine import FixedLength  # noqa: E402
 from wisp_edge.controller.predictor import PredictorPolicy, RejectionPredictor, load_predictor_for  # noqa: E402
@@ -56,8 +58,9 @@ TRACES = ROOT / "models" / "traces"
 
 
 class PreviousStats:
-    """The features as `DistributionStats` computes them, in one function (the code before this change; the
-    product's are the same, so the rules differ only in how the row reaches the MLP and the MLP itself)."""
+    """The features as the code before this change computed them: the logits shifted by their maximum into
+    one buffer, the exponentials into a second, the entropy from both, the std about the mean through a
+    third (a buffer of ones) and the second again: eight passes over the vocabulary, three scratch buffers."""
 
     def __init__(self, n: int) -> None:
         self.n, self.z, self.e, self.ones = n, np.empty(n, np.float32), np.empty(n, np.float32), np.ones(n, np.float32)
@@ -82,32 +85,29 @@ class PreviousStats:
 
 
 class PreviousRule:
-    """The stop rule before this change: the previous features, a fresh feature row, the MLP's biases added
-    apart (three dots, two adds, two ReLUs)."""
+    """The stop rule before this change: the previous features through per-thread buffers, the row written
+    into the MLP's input as a tuple, five numpy calls (biases folded in as weight rows) and a sigmoid."""
 
     def __init__(self, predictor: RejectionPredictor, n: int) -> None:
-        self.predictor, self.features, self.stats = predictor, BlockFeatures(), PreviousStats(n)
-        (w0, b0), (w1, b1), (w2, b2) = predictor.layers
-        inv = 1.0 / predictor.scale.astype(np.float64)
-        self.w0 = (w0 * inv[:, None]).astype(np.float32)
-        self.b0 = (b0 - (predictor.mean * inv) @ w0.astype(np.float64)).astype(np.float32)
-        self.w1, self.b1, self.w2, self.b2 = w1, b1, np.ascontiguousarray(w2[:, 0]), float(b2[0])
+        self.predictor, self.stats, self.log_top1 = predictor, PreviousStats(n), 0.0
+        self.w0, self.w1, self.w2 = predictor._w0, predictor._w1, predictor._w2
+        self.x, self.h1, self.h2 = (np.ones(w.shape[0], np.float32) for w in (self.w0, self.w1, self.w2))
 
-    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
-        row = self.features.from_stats(index, self.stats(logits))
-        h = np.dot(row, self.w0)
-        h += self.b0
-        np.maximum(h, 0.0, out=h)
-        g = np.dot(h, self.w1)
-        g += self.b1
-        np.maximum(g, 0.0, out=g)
-        return 0.5 * (1.0 + math.tanh(0.5 * (float(np.dot(g, self.w2)) + self.b2))) >= self.predictor.tau
+    def stop_after(self, index: int, logits: np.ndarray, q) -> bool:
+        top1, entropy, margin, gap, std = self.stats(logits)
+        self.log_top1 = (0.0 if index == 0 else self.log_top1) + math.log(max(top1, 1e-12))
+        self.x[:-1] = top1, entropy, margin, gap, std, index, self.log_top1
+        np.dot(self.x, self.w0, out=self.h1[:-1])
+        np.maximum(self.h1, 0.0, out=self.h1)
+        np.dot(self.h1, self.w1, out=self.h2[:-1])
+        np.maximum(self.h2, 0.0, out=self.h2)
+        return 0.5 * (1.0 + math.tanh(0.5 * float(np.dot(self.h2, self.w2)))) >= self.predictor.tau
 
 
 class NumpyRule(PredictorPolicy):
     """The product's stop rule with the numpy exp (no llama.cpp kernel)."""
 
-    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
+    def stop_after(self, index: int, logits: np.ndarray, q) -> bool:
         if not hasattr(self, "_numpy_stats"):
             self._numpy_stats = DistributionStats(logits.shape[0], use_ggml=False)
         return self.stop_after_stats(index, self._numpy_stats(logits))
@@ -128,6 +128,21 @@ class TimedDrafter:
 
     def __getattr__(self, name):
         return getattr(self.drafter, name)
+
+
+def product_parts(predictor: RejectionPredictor, n: int) -> dict:
+    """The parts of the product's stop rule, each with its own buffers, as callables (index, logits, q)."""
+    stats, exp_out, policy = DistributionStats(n), np.empty(n, np.float32), PredictorPolicy(predictor, k_max=8)
+    kernel, exp_address, row = ggml_softmax(), exp_out.ctypes.data, (0.3, 2.0, 0.1, 0.5, 3.5)  # a doubtful token
+
+    def exp_pass(index: int, logits: np.ndarray, q) -> None:
+        if kernel is not None:
+            kernel(n, exp_address, data_address(logits), float(logits[0]))
+        else:
+            np.exp(logits, out=exp_out)
+
+    return {"features": lambda index, logits, q: stats(logits), "exp_pass": exp_pass,
+            "mlp": lambda index, logits, q: policy.stop_after_stats(index, row)}
 
 
 def critical_path(drafter, predictor: RejectionPredictor, segments: int, per_segment: int = 16) -> dict:
@@ -243,24 +258,28 @@ def bench_drafter(spec: str, tokens: int, threads: int, segments: int) -> dict:
     rules = {"new": PredictorPolicy(predictor, k_max=8), "numpy": NumpyRule(predictor, k_max=8),
              "previous": PreviousRule(predictor, drafter.vocab_size)}
     previous_stats = PreviousStats(drafter.vocab_size)
-    in_engine: dict[str, list[int]] = {name: [] for name in ("drafting", *rules)}
-    q, differ, worst, rows = np.zeros(1), 0, np.zeros(5), []
+    parts = product_parts(predictor, drafter.vocab_size)
+    timed = {**{name: rule.stop_after for name, rule in rules.items()}, **parts}
+    in_engine: dict[str, list[int]] = {name: [] for name in ("drafting", *timed)}
+    q, differ, worst, rows = None, 0, np.zeros(5), []
     for text in PROMPTS:
         drafter.reset(drafter.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"))
         drafter.logits()  # the prefill is not drafting
         for i in range(tokens // len(PROMPTS)):
             t0 = time.perf_counter_ns()
             logits = drafter.logits()
-            token = int(np.argmax(logits))  # as Drafting.next, greedy (its one-hot q is not needed here)
+            token = int(np.argmax(logits))  # as Drafting.next, greedy (q None)
             in_engine["drafting"].append(time.perf_counter_ns() - t0)
-            # Only the first rule after the drafting is timed (as in the engine, where the stop rule runs
+            # Only the first thing after the drafting is timed (as in the engine, where the stop rule runs
             # once per token, its code and buffers gone cold during the drafter's evaluation); which
-            # rule goes first rotates. The others then run untimed, to compare the decisions.
-            first, *others = list(rules)[len(rows) % 3:] + list(rules)[:len(rows) % 3]
+            # goes first rotates. The rules not timed then run, to compare the decisions.
+            first = list(timed)[len(rows) % len(timed)]
             t0 = time.perf_counter_ns()
-            decisions = {rules[first].stop_after(i % 8, logits, q)}
+            decision = timed[first](i % 8, logits, q)
             in_engine[first].append(time.perf_counter_ns() - t0)
-            decisions |= {rules[name].stop_after(i % 8, logits, q) for name in others}
+            # Each rule sees each token once (the predictor keeps the block's running confidence).
+            decisions = {decision if name == first else rule.stop_after(i % 8, logits, q)
+                         for name, rule in rules.items()}
             differ += len(decisions) > 1
             worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), previous_stats(logits))))
             rows.append(logits)
@@ -305,6 +324,8 @@ def main() -> None:
         print(f"{spec:10s} {row['drafting_per_token']['median_ms']:9.3f} | {'':28s} {c['new']['median_ms']:7.4f} "
               f"{c['numpy']['median_ms']:7.4f} {c['previous']['median_ms']:7.4f} | {'':16s} "
               f"{w['new']['median_ms']:7.4f} {w['numpy']['median_ms']:7.4f} {w['previous']['median_ms']:7.4f}")
+        print(f"{'':10s} parts of new, in engine order: features {c['features']['median_ms']:.4f} (of which the exp "
+              f"pass {c['exp_pass']['median_ms']:.4f}), decision from a feature row (MLP) {c['mlp']['median_ms']:.4f}")
         p = row["critical_path_per_token"]
         print(f"{'':10s} critical path (Drafting.next), ms per token: " + "; ".join(
             f"{m}: eval {p[m]['eval_ms']:.3f}, beyond eval {p[m]['beyond_eval_ms']:.4f}"

@@ -24,6 +24,11 @@ from wisp_edge.wire.errors import ApiError
 
 MIN_WAIT_S = 0.0002  # shortest timed wait of a batch loop, so a tiny wait does not spin
 
+# Jobs whose deadline is the session's token rate: only these count in the SLO window that admission reads.
+# A prefill's deadline (one token's time after it was queued) cannot be met by a cold prompt and says
+# nothing about the rate; counted, every prefill was a miss and admission refused sessions for it.
+RATE_KINDS = frozenset({"verify", "decode"})
+
 
 @dataclass
 class Plan:
@@ -144,13 +149,14 @@ class Dispatcher:
 
     def finish(self, job: VerifyJob, session: SessionRecord, accepted: int, done: float) -> bool | None:
         """A job ran and `accepted` of its drafts were accepted: the session's state moves on. Returns whether
-        it met its SLO (None: it had none)."""
+        it met its SLO (None: it had none, or it is a prefill or resume, which the token-rate SLO does not
+        bound: a prefill's finish starts the SLO clock)."""
         session.busy = False
         session.last_used = done
         if session.closed:
             self.ledger.release(session.id)
         session.record_round(job.kind, accepted, job.draft_len, done)
-        if job.slo_rate is None:
+        if job.slo_rate is None or job.kind not in RATE_KINDS:
             return None
         met = done <= job.completion_deadline
         self.slo.record(done, met)

@@ -103,10 +103,8 @@ class Drafting:
         stops): (token, sparse q or None under greedy, ms with the policy's own time, whether to stop)."""
         t0 = time.perf_counter()
         logits = self._logits()
-        if self.params.greedy:  # probs_from_logits' one-hot, without its float64 copy of the logits (~60 us)
-            token = int(np.argmax(logits))
-            q = np.zeros(logits.shape[0])
-            q[token] = 1.0
+        if self.params.greedy:  # the argmax: no q travels, and none is built (a float64 one-hot over the vocabulary)
+            token, q = int(np.argmax(logits)), None
         else:
             q = probs_from_logits(logits, self.params)
             token = sample(q, self.rng)

@@ -37,13 +37,13 @@ class DraftPolicy(Protocol):
     """Decides the draft length: an upper bound per round, and after each drafted token whether to stop.
 
     `stop_after` sees the drafter's raw logits for the token just drafted (its position `index` in
-    the block, from 0) and `q`, the distribution it was drawn from (one-hot under greedy). After the
-    verifier answers, `observe` gets the round's outcome and the server's timing feedback.
+    the block, from 0) and `q`, the distribution it was drawn from (None under greedy: the token is the
+    argmax). After the verifier answers, `observe` gets the round's outcome and the server's timing feedback.
     """
 
     def max_draft(self) -> int: ...
 
-    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool: ...
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray | None) -> bool: ...
 
     def observe(self, drafted: int, accepted: int, result: VerifyReply, rtt_ms: float,
                 drafting_ms: list[float]) -> None: ...

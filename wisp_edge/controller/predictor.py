@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wisp_edge.controller.features import FEATURE_NAMES, distribution_stats, top1_prob
+from wisp_edge.controller.features import (FEATURE_NAMES, N_FEATURES, DistributionStats, distribution_stats,
+                                          top1_prob)
 from wisp_edge.drafters import MODELS_DIR
 from wisp_edge.wire.protocol import VerifyReply
 
@@ -107,20 +109,42 @@ class RejectionPredictor:
 class Scorer:
     """One row through `RejectionPredictor`'s MLP: five numpy calls into buffers it owns, no allocation."""
 
+    _pack = struct.Struct(f"{N_FEATURES}f").pack_into
+
     def __init__(self, predictor: RejectionPredictor) -> None:
-        self.w0, self.w1, self.w2 = predictor._w0, predictor._w1, predictor._w2
+        self.w0, self.w1 = predictor._w0, predictor._w1
+        self.w2 = predictor._w2[:, None].copy()  # [h2 + 1, 1]: the last layer a matrix product too
         self.x = np.ones(self.w0.shape[0], np.float32)  # [f + 1]: write the features into x[:-1]
         self.h1 = np.ones(self.w1.shape[0], np.float32)  # [h1 + 1]
         self.h2 = np.ones(self.w2.shape[0], np.float32)  # [h2 + 1]
+        self.out = np.empty(1, np.float32)
         self._h1, self._h2 = self.h1[:-1], self.h2[:-1]
+        self._x_bytes = memoryview(self.x).cast("B")
 
-    def p_reject(self) -> float:
-        """P(first rejection) for the features in `x[:-1]`."""
+    def set_row(self, *features: float) -> None:
+        """Write one feature row (N_FEATURES numbers) into `x[:-1]`, as float32, without a numpy call."""
+        self._pack(self._x_bytes, 0, *features)
+
+    def score(self) -> float:
+        """The pre-sigmoid score for the features in `x[:-1]`."""
         np.dot(self.x, self.w0, out=self._h1)
         np.maximum(self.h1, 0.0, out=self.h1)
         np.dot(self.h1, self.w1, out=self._h2)
         np.maximum(self.h2, 0.0, out=self.h2)
-        return 0.5 * (1.0 + math.tanh(0.5 * float(np.dot(self.h2, self.w2))))  # sigmoid, no overflow
+        np.dot(self.h2, self.w2, out=self.out)
+        return float(self.out[0])
+
+    def p_reject(self) -> float:
+        """P(first rejection) for the features in `x[:-1]`."""
+        return 0.5 * (1.0 + math.tanh(0.5 * self.score()))  # sigmoid, no overflow
+
+
+def score_threshold(tau: float) -> float | None:
+    """The pre-sigmoid score s with sigmoid(s) >= tau exactly when s >= it; None for tau >= 1, where the
+    float sigmoid saturating at 1 decides (compare `p_reject` then)."""
+    if tau <= 0.0:
+        return -math.inf
+    return math.log(tau / (1.0 - tau)) if tau < 1.0 else None
 
 
 @lru_cache(maxsize=8)
@@ -180,21 +204,35 @@ class PredictorPolicy(_NoFeedback):
     def __post_init__(self) -> None:
         assert self.k_max >= 1
         self._scorer = self.predictor.scorer()
+        self._stats = None  # this policy's DistributionStats, for the vocabulary it first sees
         self._log_top1 = 0.0  # the block's running log product of top-1 probabilities (BlockFeatures' last)
         self._tau = self.predictor.tau if self.tau is None else self.tau
+        self._threshold = (math.nan, math.nan)  # (tau in force, its pre-sigmoid score)
 
     def max_draft(self) -> int:
         return self.k_max
 
-    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray) -> bool:
-        return self.stop_after_stats(index, distribution_stats(logits))
+    def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray | None) -> bool:
+        stats = self._stats
+        if stats is None or stats.n != logits.shape[0]:
+            assert logits.ndim == 1 and logits.shape[0] >= 2, f"expected one row of >= 2 logits, got {logits.shape}"
+            stats = self._stats = DistributionStats(logits.shape[0])
+        top1, entropy, margin, gap, std = stats(logits)
+        return self._decide(index, top1, entropy, margin, gap, std)
 
     def stop_after_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> bool:
         """The same decision from `distribution_stats(logits)` (the simulator replays logged stats)."""
-        top1, entropy, margin, gap, std = stats
+        return self._decide(index, *stats)
+
+    def _decide(self, index: int, top1: float, entropy: float, margin: float, gap: float, std: float) -> bool:
         self._log_top1 = (0.0 if index == 0 else self._log_top1) + math.log(max(top1, 1e-12))
-        self._scorer.x[:-1] = top1, entropy, margin, gap, std, index, self._log_top1  # as BlockFeatures' row
-        return self._scorer.p_reject() >= max(self._tau, 1.0 - self.min_worthwhile)
+        scorer = self._scorer
+        scorer.set_row(top1, entropy, margin, gap, std, index, self._log_top1)  # as BlockFeatures' row
+        tau = max(self._tau, 1.0 - self.min_worthwhile)
+        if tau != self._threshold[0]:
+            self._threshold = (tau, score_threshold(tau))
+        threshold = self._threshold[1]
+        return scorer.p_reject() >= tau if threshold is None else scorer.score() >= threshold
 
 
 @dataclass
