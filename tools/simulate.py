@@ -6,6 +6,7 @@ scheduler, estimator and speculation controller.
     python tools/simulate.py --experiment all --setup paper --out docs/results/paper
     python tools/simulate.py --experiment capacity --setup ours --systems wisp,centralized --slos 4,8
     python tools/simulate.py --run --system wisp --devices 80 --slo 8 --setup paper   # one run, its summary
+    python tools/simulate.py --experiment crossover        # where WISP pays (paper-kv), docs/results/crossover
 
 Setups (tools/sim/experiments.py SETUPS): `paper` (A100-class server, Qwen3-32B-like profile, Pi 5 / Orin
 Nano boards, parametric acceptance 0.75), `ours` (our CPU verifier profile, the shipped 4-bit drafter on
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.sim import crossover as cx
 from tools.sim import experiments as ex  # noqa: E402
 from tools.sim import plots  # noqa: E402
 from tools.sim.io import write_csv, write_json  # noqa: E402
@@ -46,7 +49,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="reduced sweep (capacity + goodput) in under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--experiment", default="all",
-                   help="capacity | goodput | burst | rtt | server | levers | all (comma-separated)")
+                   help="capacity | goodput | burst | rtt | server | levers | all (comma-separated), or crossover "
+                        "(not in all: WISP's capacity ratios across context, RTT and acceptance; setup paper-kv, "
+                        "out docs/results/crossover by default)")
     p.add_argument("--setup", choices=sorted(ex.SETUPS), help="default: paper (quick: ours)")
     p.add_argument("--out", type=Path, help="output directory (default: a temporary one with --quick, else "
                                             "docs/results/<setup>)")
@@ -59,6 +64,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--burst-base", type=int, help="base devices of the burst experiment")
     p.add_argument("--rtts", type=_floats, default=(5, 10, 20, 40, 80, 160, 320))
     p.add_argument("--rtt-slo", type=float, default=8.0)
+    p.add_argument("--axes", help=f"crossover: which axes (default {','.join(cx.AXES)}); a run of some points "
+                                  "replaces their rows in an existing crossover.csv and keeps the others")
+    p.add_argument("--points", type=int, help="crossover: this many evenly spaced points per axis (ends included)")
+    p.add_argument("--values", type=_floats, default=(), help="crossover: exactly these points of the one --axes")
+    p.add_argument("--crossover-slo", type=float, default=8.0, help="crossover: the SLO class, tokens/s")
     p.add_argument("--acceptance", help="override the setup's acceptance model (q4, student, param:0.75, ...)")
     p.add_argument("--truth", choices=["profile", "roofline"], help="forward-time model (A100 profile only)")
     p.add_argument("--kv-budget-gb", type=float, help="override the KV budget (inf: unbounded)")
@@ -98,14 +108,17 @@ def base_config(a: argparse.Namespace):
         cfg = replace(cfg, draft_ahead=a.draft_ahead)
     if a.c3 is not None:
         cfg = replace(cfg, coefficients=(None, None, None, a.c3))
-    if a.measure_requests:
+    cfg = ex.quick(cfg) if a.quick else cfg
+    if a.measure_requests:  # given explicitly, it wins over --quick's
         cfg = replace(cfg, measure_requests=a.measure_requests)
-    return ex.quick(cfg) if a.quick else cfg
+    return cfg
 
 
 def main(argv=None) -> int:
     a = parse(argv)
-    a.setup = a.setup or ("ours" if a.quick else "paper")
+    command = shlex.join(["python", "tools/simulate.py", *(sys.argv[1:] if argv is None else argv)])
+    only_crossover = a.experiment == "crossover"
+    a.setup = a.setup or ("paper-kv" if only_crossover else "ours" if a.quick else "paper")
     a.seeds = a.seeds or (1 if a.quick else 5)
     ex.LOCK_PATH = a.lock
     cfg = base_config(a)
@@ -116,10 +129,11 @@ def main(argv=None) -> int:
         print(json.dumps({"config": {"setup": a.setup, "system": a.system, "devices": a.devices, "slo": a.slo},
                           "wall_s": round(run.wall_s, 2), **run.summary}, indent=None if a.json else 1, default=str))
         return 0
-    out = a.out or (Path(tempfile.mkdtemp(prefix="wisp-sim-")) if a.quick else ROOT / "docs" / "results" / a.setup)
+    out = a.out or (Path(tempfile.mkdtemp(prefix="wisp-sim-")) if a.quick else
+                    ROOT / "docs" / "results" / ("crossover" if only_crossover else a.setup))
     out.mkdir(parents=True, exist_ok=True)
     systems = tuple(a.systems.split(",")) if a.systems else (QUICK_SYSTEMS if a.quick else ex.MAIN_SYSTEMS)
-    wanted = {"capacity", "goodput"} if a.quick else (
+    wanted = {"capacity", "goodput"} if a.quick and a.experiment == "all" else (
         {"capacity", "goodput", "burst", "rtt", "server", "levers"} if a.experiment == "all"
         else set(a.experiment.split(",")))
     tol = a.tol if a.tol is not None else (0.15 if a.quick else 0.05)
@@ -191,6 +205,9 @@ def main(argv=None) -> int:
         summary["levers"] = {"slo": 8.0, "capacity": lev}
         write_csv(out / "levers.csv", rows)
         done("levers")
+    if "crossover" in wanted:
+        summary["crossover"] = crossover(a, cfg, out, command)
+        done("crossover")
     summary["wall_s"] = round(time.time() - t0, 1)
     previous = out / "summary.json"
     if previous.exists() and not a.quick:  # a partial rerun updates the experiments it ran, keeps the others
@@ -204,6 +221,33 @@ def main(argv=None) -> int:
     else:
         print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def crossover(a: argparse.Namespace, cfg, out: Path, command: str) -> dict:
+    """The crossover experiment's files (crossover.csv, crossover.png) and its part of summary.json."""
+    axes = cx.select(a.axes, a.points, a.values)
+    systems = tuple(a.systems.split(",")) if a.systems else cx.SYSTEMS_COMPARED
+    tol = a.tol if a.tol is not None else (0.15 if a.quick else cx.TOL)
+    rows = cx.crossover_experiment(cfg, axes, systems, a.crossover_slo, a.attainment, tol,
+                                   ex.CAPACITY_GUESS.get(a.setup, 32), a.seeds)
+    previous = json.loads((out / "summary.json").read_text()).get("crossover", {}) if (
+        not a.quick and (out / "summary.json").exists()) else {}
+    if not a.quick:
+        rows = cx.merge(out / "crossover.csv", rows)
+    rows = cx.with_ratios(rows, systems)
+    crossings = cx.crossovers(rows)
+    write_csv(out / "crossover.csv", [{k: r[k] for k in cx.COLUMNS} for r in rows])
+    if not a.no_plots:
+        plots.crossover(rows, crossings, cx.LABELS, cx.LOG_X, out / "crossover.png",
+                        f"where WISP pays ({a.setup}, {a.crossover_slo:g} tok/s): capacity ratio, median of "
+                        f"{a.seeds} seeds, bars: interval; dotted: ratio crosses 1")
+    ratio = {f"{r['axis']}@{r['x']:g}/wisp_over_{r['system']}": [r["median"], r["ci_low"], r["ci_high"]]
+             for r in rows if r["quantity"] == "ratio"}
+    return {"slo": a.crossover_slo, "systems": list(systems), "tol": tol, "seeds": a.seeds,
+            "full_grid": {k: list(v) for k, v in cx.AXES.items()}, "note": cx.NOTE,
+            "points": sorted({(r["axis"], r["x"]) for r in rows}, key=lambda p: (list(cx.AXES).index(p[0]), p[1])),
+            "commands": {**previous.get("commands", {}), **{f"{k}@{x:g}": command for k, v in axes.items() for x in v}},
+            "crossovers": crossings, "ratio_median_ci": ratio}
 
 
 def _describe(cfg) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -110,4 +111,44 @@ def sweep(rows: list, key: str, path: Path, title: str, xlabel: str) -> Path:
     ax.set_ylabel("capacity (devices)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def crossover(rows: list, crossings: list, labels: dict, log_x: dict, path: Path, title: str) -> Path:
+    """One panel per axis: WISP's capacity over each baseline's (median, interval bars), the line ratio = 1,
+    and each crossover (where a median crosses 1) marked with a dotted line and its x."""
+    ratio_rows = [r for r in rows if r["quantity"] == "ratio"]
+    axes_names = list(dict.fromkeys(r["axis"] for r in ratio_rows))
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(4.2 * len(axes_names), 3.6), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], axes_names):
+        ax.axhline(1.0, color="k", lw=0.8)
+        for k, base in enumerate(dict.fromkeys(r["system"] for r in ratio_rows if r["axis"] == name)):
+            pts = sorted((r for r in ratio_rows if r["axis"] == name and r["system"] == base
+                          and 0 < r["median"] < math.inf), key=lambda r: r["x"])  # a log axis shows neither 0 nor inf
+            xs, ys = [r["x"] for r in pts], [r["median"] for r in pts]
+            top = [r["ci_high"] if math.isfinite(r["ci_high"]) else 4 * y for y, r in zip(ys, pts)]  # open ends (0, inf)
+            # are drawn 4x from the median
+            yerr = [[max(0.0, y - max(r["ci_low"], y / 4)) for y, r in zip(ys, pts)],
+                    [max(0.0, t - y) for y, t in zip(ys, top)]]
+            color = COLORS.get("sled" if base.startswith("sled") else base)
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", ms=4, capsize=3, color=color, label=f"WISP / {base}")
+            for c in crossings:
+                if c["axis"] == name and c["vs"] == base:
+                    ax.axvline(c["x"], color=color, ls=":", lw=1)
+                    ax.annotate(f"{c['x']:.0f}" if c["x"] >= 10 else f"{c['x']:.3g}", (c["x"], 1.0), textcoords="offset points", xytext=(3, 4 + 10 * k),
+                                fontsize=7, color=color)
+        if log_x.get(name):
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        xs = sorted({r["x"] for r in ratio_rows if r["axis"] == name})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=7)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(labels.get(name, name), fontsize=8)
+        ax.grid(True, which="both", alpha=0.2)
+    axes[0][0].set_ylabel("capacity ratio (WISP / baseline)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
