@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from wisp_cloud.estimator import Margin, TimeEstimator
 from wisp_cloud.scheduler import FcfsScheduler, VerifyJob, expected_accepted
-from wisp_cloud.wisp_scheduler import WispScheduler
+from wisp_cloud.wisp_scheduler import CLOCK_STARTERS, WispScheduler
 
 INF = float("inf")
 BIG = 10**12  # memory and tokens that never bind
@@ -26,7 +26,8 @@ def estimator() -> TimeEstimator:
     return TimeEstimator(COEFFS)
 
 
-def job(*, deadline=INF, new=4, cached=100, alpha=0.0, k=0, rate=4.0, arrival=0.0, kv=0, job_id=None) -> VerifyJob:
+def job(*, deadline=INF, new=4, cached=100, alpha=0.0, k=0, rate=4.0, arrival=0.0, kv=0, job_id=None,
+        kind="verify") -> VerifyJob:
     """A job whose completion deadline is `deadline` (t0 solved from it; no downlink, N = 0)."""
     best_effort = deadline == INF
     e = expected_accepted(alpha, k)
@@ -42,6 +43,7 @@ def job(*, deadline=INF, new=4, cached=100, alpha=0.0, k=0, rate=4.0, arrival=0.
         first_token_time=0.0 if best_effort else deadline - (e + 1) / rate,
         alpha=alpha,
         kv_bytes=kv,
+        kind=kind,
     )
 
 
@@ -145,7 +147,7 @@ def test_a_lone_job_over_the_token_cap_still_runs_but_memory_always_binds():
 
 
 def test_hopeless_jobs_are_demoted_and_never_stretch_a_batch():
-    sched = WispScheduler(estimator())
+    sched = WispScheduler(estimator(), demote_after_s=0.0)  # the paper's per-job rule, now an option
     sched.submit(job(job_id="late_heavy", deadline=0.002, new=2000, cached=0))  # T alone ~145 ms: hopeless
     sched.submit(job(job_id="late_light", deadline=0.002))  # T alone ~5.3 ms > 2 ms: hopeless
     sched.submit(job(job_id="tight", deadline=0.020))
@@ -161,7 +163,7 @@ def test_hopeless_jobs_are_demoted_and_never_stretch_a_batch():
 
 
 def test_never_idle_with_work_queued():
-    sched = WispScheduler(estimator())
+    sched = WispScheduler(estimator(), demote_after_s=0.0)
     # Two heavy urgent jobs (T alone ~102 ms, S at 2.5 and 7.5 ms) that cannot share a batch: one per call.
     sched.submit(job(job_id="x", deadline=0.105, new=1500, cached=0))
     sched.submit(job(job_id="y", deadline=0.110, new=1500, cached=0))
@@ -176,7 +178,7 @@ def test_never_idle_with_work_queued():
 
 def test_estimator_change_rekeys_the_queue():
     est = estimator()
-    sched = WispScheduler(est, urgent_horizon_s=0.0)
+    sched = WispScheduler(est, urgent_horizon_s=0.0, demote_after_s=0.0)
     sched.submit(job(job_id="a", deadline=0.050))  # S = 50 - 5.3 ms: fine
     est.margin = Margin(scale=20.0)  # now T alone ~106 ms: hopeless
     sched.form_batch(0.0, BIG, BIG)
@@ -278,8 +280,11 @@ def test_every_job_is_served_exactly_once(specs, policy, max_tokens, rekey_at):
         if policy == "wisp" and len(sched) + len(batch) > 0:
             assert len(batch) > 0  # never idle with work queued (memory fits every job here)
         if policy == "wisp" and len(batch) > 1:  # the admission rule: no batch finishes past a member's deadline
-            slo_deadlines = [j.completion_deadline for j in batch.jobs if j.slo_rate and not j.demoted]
-            assert batch.predicted_finish <= min(slo_deadlines, default=INF)
+            # (a member's own, unless it is best effort, a prefill or resume, or already late when the batch
+            # formed: its deadline is lost, and it only must not push the batch past anyone else's)
+            binding = [j.completion_deadline for j in batch.jobs if j.slo_rate and not j.demoted
+                       and j.kind not in CLOCK_STARTERS and j.start_deadline(est) >= now]
+            assert batch.predicted_finish <= min(binding, default=INF) + 1e-9
             assert batch.new_tokens <= max_tokens
         served += ids(batch)
         if len(batch):
@@ -423,7 +428,40 @@ def test_a_late_job_within_the_grace_runs_first_without_binding_the_batch():
     batch = sched.form_batch(0.0, BIG, BIG)
     assert sched.demoted_total == 0 and ids(batch)[0] == "late"  # the most urgent goes first
     assert set(ids(batch)) == {"late", "tight", "loose"} and 0.002 < batch.predicted_finish <= 0.020
-    assert WispScheduler(estimator()).demote_after_s == 0.0  # the default is the paper's rule
+    assert WispScheduler(estimator()).demote_after_s == INF  # the default demotes nobody
+
+
+def test_a_session_behind_schedule_is_served_first_not_demoted():
+    """D is a cumulative schedule: a job past its S belongs to a session behind, which catches up only if it
+    is served first. The old default (demote at S < now) sent it behind every on-time job, round after round."""
+    sched = WispScheduler(estimator())
+    sched.submit(job(job_id="on_time", deadline=0.008, new=40))  # alone ~7.3 ms: binds the batch
+    sched.submit(job(job_id="behind", deadline=-0.5))  # half a second behind its schedule
+    sched.submit(job(job_id="dense", deadline=1.0, alpha=0.9, k=8, new=9))
+    batch = sched.form_batch(0.0, BIG, BIG)
+    assert sched.demoted_total == 0 and not any(j.demoted for j in batch.jobs)
+    assert ids(batch) == ["behind", "on_time"]  # most behind first; dense would push on_time past 8 ms
+    assert batch.predicted_finish <= 0.008
+    for lateness in (5.0, 50.0):  # however far behind: a session may still catch up before its answer ends
+        sched.submit(job(job_id=lateness, deadline=-lateness))
+    assert ids(sched.form_batch(0.1, BIG, BIG))[:2] == [50.0, 5.0] and sched.demoted_total == 0
+
+
+def test_a_prefill_starts_the_slo_clock_so_it_neither_jumps_the_queue_nor_binds_the_batch():
+    """A prefill's finish is its session's t0: it cannot be early or late. With an SLO deadline (creation + 1/r)
+    it was urgent first in every batch and a cold prompt stretched the batch tight verify blocks were in."""
+    est = estimator()
+    sched = WispScheduler(est)
+    sched.submit(job(job_id="prompt", deadline=0.010, new=300, cached=0, kind="prefill"))  # ~20 ms alone
+    sched.submit(job(job_id="tight", deadline=0.015, arrival=0.001))
+    sched.submit(job(job_id="light", deadline=1.0, arrival=0.002))
+    batch = sched.form_batch(0.002, BIG, BIG)
+    assert ids(batch) == ["tight", "light"] and batch.predicted_finish <= 0.015  # the prompt would break tight's D
+    assert sched.stats(0.002).best_effort == 1 and sched.demoted_total == 0
+    assert ids(sched.form_batch(batch.predicted_finish, BIG, BIG)) == ["prompt"]  # never starved: it runs alone
+    sched.submit(job(job_id="resume", deadline=0.0, new=50, cached=0, kind="resume"))  # resumes alike
+    sched.submit(job(job_id="loose", deadline=1.0, new=50, cached=0))
+    assert ids(sched.form_batch(0.1, BIG, BIG)) == ["loose", "resume"]  # SLO jobs first, then best effort
 
 
 def test_whoever_must_start_before_the_next_decision_is_urgent():

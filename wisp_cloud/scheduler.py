@@ -6,7 +6,8 @@ server and the simulator drive the same code.
 
 - `WispScheduler` (the paper's SLO-aware policy, in wisp_scheduler.py): urgent jobs earliest-deadline-first,
   then the rest by density, every addition priced with the estimator and checked against memory, the token
-  cap and the earliest completion deadline in the batch. Hopeless jobs are demoted to best effort.
+  cap and the earliest completion deadline in the batch; prefills and resumes (which start the SLO clock)
+  are best effort. Optionally, jobs late by more than a grace are demoted to best effort.
 - `FcfsScheduler` (the SLED baseline, here): first come first served with a batch cap and a max wait; no
   deadlines, no estimator.
 
@@ -109,7 +110,7 @@ class Batch:
 class QueueStats:
     depth: int
     oldest_wait_s: float  # 0 when empty
-    best_effort: int  # queued jobs with no SLO or a demoted one
+    best_effort: int  # queued jobs with no SLO or a demoted one (WISP: also prefills and resumes)
     demoted_total: int  # jobs demoted since start (WISP only)
 
 
