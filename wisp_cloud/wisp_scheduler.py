@@ -35,6 +35,9 @@ class _Entry:
     def start_key(self) -> tuple[float, int]:
         return (self.start, self.seq)
 
+    def deadline_key(self) -> tuple[float, int]:
+        return (self.deadline, self.seq)
+
     def density_key(self) -> tuple[float, int]:
         return (-self.density, self.seq)
 
@@ -116,8 +119,8 @@ class WispScheduler:
        (CLOCK_STARTERS). A prefill starts its session's SLO clock (t0 is when it finishes), so it can be
        neither early nor late; given a deadline of creation + 1/r it was late on arrival every time, went
        first as urgent, and a 100-300 ms cold prompt stretched the batches tight verify jobs were in.
-    Once the batch is bound by a deadline, `max_refusals` refusals in a row end the walk (a later job
-    rarely fits a budget that many before it did not), keeping a decision short with thousands queued.
+    `max_refusals` refusals in a row end the walk (a later job rarely fits a budget, deadline, token cap or
+    memory, that many before it did not), keeping a decision short with thousands queued.
 
     The admission rule, for a candidate x joining batch B (B' = B + x, finish' = now + T(B') / 1000,
     T with the estimator's margin): x is admitted iff
@@ -147,6 +150,7 @@ class WispScheduler:
         self._entries: dict[Hashable, _Entry] = {}
         self._by_seq: dict[int, _Entry] = {}
         self._by_start: list[tuple[float, int]] = []  # SLO jobs, not demoted
+        self._by_deadline: list[tuple[float, int]] = []  # the same jobs, in the order urgent ones are tried
         self._by_density: list[tuple[float, int]] = []  # the same jobs
         self._best_effort: list[tuple[float, int]] = []  # no SLO, or demoted
         self._by_cost: list[tuple[float, int]] = []  # every job: the cheapest bounds how full a batch can get
@@ -177,6 +181,7 @@ class WispScheduler:
             put(self._best_effort, entry.arrival_key())
         else:
             put(self._by_start, entry.start_key())
+            put(self._by_deadline, entry.deadline_key())
             put(self._by_density, entry.density_key())
 
     def _index(self, entry: _Entry) -> None:
@@ -214,6 +219,7 @@ class WispScheduler:
         for entry in self._entries.values():
             self._keyed(entry)
         self._by_start = sorted(e.start_key() for e in self._entries.values() if not e.best_effort)
+        self._by_deadline = sorted(e.deadline_key() for e in self._entries.values() if not e.best_effort)
         self._by_density = sorted(e.density_key() for e in self._entries.values() if not e.best_effort)
         self._by_cost = sorted((e.cost_ms, e.seq) for e in self._entries.values())
 
@@ -233,16 +239,18 @@ class WispScheduler:
         # Urgent: whoever must start before the next decision, which comes when this batch finishes (about
         # as long as the last one took); a fixed 10 ms let jobs pass S during a long batch and be demoted.
         horizon = now + max(self.urgent_horizon_s, self.last_batch_ms / 1000.0)
-        urgent = []
-        for start, seq in self._by_start:
-            if start > horizon:
+        # Urgent jobs (S <= horizon) earliest deadline first, walked in the deadline index: S = D - solo time,
+        # so past D = horizon + the longest solo time nobody is urgent. With no demotion most of a long
+        # queue can be late; collecting and sorting them all took most of a decision.
+        longest_solo_s = self.estimator.with_margin(self.estimator.c0 + self._by_cost[-1][0]) / 1000.0 \
+            if self._by_cost else 0.0
+        last_urgent_deadline = horizon + longest_solo_s
+        for deadline, seq in self._by_deadline:
+            if builder.full or deadline > last_urgent_deadline:
                 break
-            urgent.append(self._by_seq[seq])
-        urgent.sort(key=lambda e: (e.deadline, e.seq))
-        for entry in urgent:
-            if builder.full:
-                break
-            builder.add(entry)
+            entry = self._by_seq[seq]
+            if entry.start <= horizon:
+                builder.add(entry)
         for ordered in (self._by_density, self._best_effort):
             refused = 0  # per pass: SLO jobs refused by a deadline say nothing of whether best effort fits
             for _, seq in ordered:
@@ -251,9 +259,11 @@ class WispScheduler:
                 if seq not in builder.taken:
                     if builder.add(self._by_seq[seq]):
                         refused = 0
-                    elif builder.earliest != INF:
-                        # A deadline-bound batch rarely finds room deep in the queue; a long run of refusals
-                        # ends the walk so a decision stays well under a millisecond with thousands queued.
+                    else:
+                        # A batch bound by a deadline, its token cap or memory rarely finds room deep in the
+                        # queue; a long run of refusals ends the walk so a decision stays around a
+                        # millisecond with thousands queued (with no demotion, batches of late jobs are
+                        # bound by the token cap alone, and the walk used to try the whole queue).
                         refused += 1
                         if refused >= self.max_refusals:
                             break
