@@ -17,17 +17,12 @@ from dataclasses import dataclass, field
 from wisp_cloud.admission import Limits, Load, Refusal, keeps_kv, refusal, too_long
 from wisp_cloud.estimator import TimeEstimator
 from wisp_cloud.kv_ledger import KVLedger
-from wisp_cloud.scheduler import INF, Batch, VerifyJob, VerifyScheduler
+from wisp_cloud.scheduler import CLOCK_STARTERS, INF, Batch, VerifyJob, VerifyScheduler
 from wisp_cloud.session_table import SessionRecord, SessionTable
 from wisp_cloud.slo_window import SloWindow
 from wisp_edge.wire.errors import ApiError
 
 MIN_WAIT_S = 0.0002  # shortest timed wait of a batch loop, so a tiny wait does not spin
-
-# Jobs whose deadline is the session's token rate: only these count in the SLO window that admission reads.
-# A prefill's deadline (one token's time after it was queued) cannot be met by a cold prompt and says
-# nothing about the rate; counted, every prefill was a miss and admission refused sessions for it.
-RATE_KINDS = frozenset({"verify", "decode"})
 
 
 @dataclass
@@ -156,7 +151,7 @@ class Dispatcher:
         if session.closed:
             self.ledger.release(session.id)
         session.record_round(job.kind, accepted, job.draft_len, done)
-        if job.slo_rate is None or job.kind not in RATE_KINDS:
+        if job.slo_rate is None or job.kind in CLOCK_STARTERS:  # counted, every prefill was a miss
             return None
         met = done <= job.completion_deadline
         self.slo.record(done, met)

@@ -38,6 +38,11 @@ def expected_accepted(alpha: float, draft_len: int) -> float:
     return alpha * (1.0 - alpha**draft_len) / (1.0 - alpha)
 
 
+# Jobs that start a session's SLO clock (D's t0 is when they finish): they can be neither early nor late, so
+# the token-rate SLO does not bound them (the scheduler treats them as best effort, attainment skips them).
+CLOCK_STARTERS = frozenset({"prefill", "resume"})
+
+
 def logit_rows(kind: str, new_tokens: int) -> int:
     """Rows of logits a job reads (the estimator's R): a prefill samples the first token from its last row, a
     resume samples nothing (the edge already holds that token), a verify block or a decode step reads all."""

@@ -11,10 +11,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from wisp_cloud.estimator import TimeEstimator
-from wisp_cloud.scheduler import INF, Batch, QueueStats, VerifyJob
-
-# Jobs that start a session's SLO clock (D's t0 is when they finish): they can be neither early nor late.
-CLOCK_STARTERS = ("prefill", "resume")
+from wisp_cloud.scheduler import CLOCK_STARTERS, INF, Batch, QueueStats, VerifyJob
 
 
 @dataclass(slots=True)
