@@ -34,8 +34,8 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, *args: str, log_path: Path, api_key: str | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None, tls_ca: Path | None = None) -> None:
-        self.args, self.log_path, self.api_key = list(args), log_path, api_key
+                 env: dict[str, str] | None = None, tls_ca: Path | None = None, cpus: set[int] | None = None) -> None:
+        self.args, self.log_path, self.api_key, self.cpus = list(args), log_path, api_key, cpus
         self.env, self.tls_ca = dict(env or {}), tls_ca
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -64,7 +64,8 @@ class LiveServer:
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None  # e.g. the verifier on one core
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
         log.close()  # the child holds its own copy
         try:
             if wait_healthy(self.url, timeout_s, proc=self.proc, interval_s=0.2, verify=self._verify()):

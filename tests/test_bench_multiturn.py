@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 
 MEASURES = {"tokens_per_s", "cloud_rounds", "drafter_prefill_ms", "prefill_tokens", "reused_tokens", "new_tokens"}
 
 
-def test_quick_multiturn_bench_writes_its_results_and_reuse_prefills_less(tmp_path, profile_path):  # noqa: F811
+def test_quick_multiturn_bench_writes_its_results_and_reuse_prefills_less(tmp_path, profile_path):
     run = subprocess.run([sys.executable, "tools/bench_multiturn.py", "--quick", "--out", str(tmp_path),
                           "--profile", str(profile_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

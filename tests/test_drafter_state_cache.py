@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_edge_agent import verifier  # noqa: F401  (a verifier on loopback, for this module)
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from wisp_edge.drafters import MODELS_DIR, resolve_drafter_path
 from wisp_edge.drafters.base import PrefillCounters
@@ -62,7 +60,7 @@ def test_the_setting_reaches_the_drafter_and_is_a_serve_flag():
         parser.parse_args(["generate", "--prompt", "x", "--state-cache", "2"])
 
 
-def test_interleaved_conversations_each_prefill_only_their_new_message(verifier, target_model):  # noqa: F811
+def test_interleaved_conversations_each_prefill_only_their_new_message(verifier, target_model):
     if not Path(resolve_drafter_path("q4", MODELS_DIR)).exists():
         pytest.skip("the Q4_1 drafter is missing; run `python tools/build_models.py`")
     from wisp_edge.agent import EdgeAgent

@@ -16,18 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MODELS, ROOT
 from tests.live_server import LiveServer, free_port
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from wisp_cloud.tokenizer import load_tokenizer
 from wisp_edge.health import wait_healthy
-
-
-@pytest.fixture(scope="module")
-def verifier(tmp_path_factory, profile_path):  # noqa: F811
-    log = tmp_path_factory.mktemp("verifier") / "server.log"
-    with LiveServer("--threads", "1", "--profile", str(profile_path), "--log-level", "warning",
-                    log_path=log) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +135,7 @@ def test_the_official_openai_client_talks_to_the_edge(edge_api, tokenizer, targe
     assert sum(s.value for s in per_position) == values["wisp_edge_accepted_tokens_total"]
 
 
-def test_a_429_storm_is_survived_without_losing_a_token(tmp_path, profile_path, q4_pair, target_model):  # noqa: F811
+def test_a_429_storm_is_survived_without_losing_a_token(tmp_path, profile_path, q4_pair, target_model):
     from wisp_edge.agent import EdgeAgent
     from wisp_edge.drafters import load_drafter
     from wisp_edge.settings import EdgeSettings

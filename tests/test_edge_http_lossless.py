@@ -16,8 +16,6 @@ import torch
 from scipy.stats import chisquare
 
 from tests.conftest import MODELS
-from tests.test_edge_agent import verifier  # noqa: F401  (a verifier on loopback for this module)
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from wisp_cloud.model.transformer import RaggedBatch
 from wisp_cloud.tokenizer import load_tokenizer
@@ -45,7 +43,7 @@ def _agent(server: str, drafter: str, **settings) -> EdgeAgent:
 
 
 @pytest.mark.parametrize("drafter", ["q4", "student-onnx"])
-def test_greedy_over_http_equals_the_target(verifier, target_model, prompt_ids, drafter):  # noqa: F811
+def test_greedy_over_http_equals_the_target(verifier, target_model, prompt_ids, drafter):
     agent = _agent(verifier.url, drafter)
     try:
         got = [t.id for t in agent.generate(prompt_ids, max_new_tokens=32)]
@@ -55,7 +53,7 @@ def test_greedy_over_http_equals_the_target(verifier, target_model, prompt_ids, 
     assert got == generate(target_model, prompt_ids, max_new_tokens=32, eos_ids=agent.eos_ids)
 
 
-def test_greedy_over_a_slow_network_with_drafting_ahead_equals_the_target(verifier, target_model):  # noqa: F811
+def test_greedy_over_a_slow_network_with_drafting_ahead_equals_the_target(verifier, target_model):
     """Over a 40 ms round trip the Q4_1 drafter drafts the next block while each one is verified; the blocks
     kept (its guess of the verifier's token was right) and those rolled back still give the target's tokens."""
     from wisp_edge.bench import delayed_backend
@@ -93,7 +91,7 @@ def _exact_distribution(model, prompt: list[int], length: int, params: SamplingP
     return out
 
 
-def test_sampled_output_over_http_follows_the_target(verifier,  # noqa: F811
+def test_sampled_output_over_http_follows_the_target(verifier,
                                                     target_model, prompt_ids):
     exact = _exact_distribution(target_model, prompt_ids, SAMPLED_LENGTH, SAMPLED)
     agent = _agent(verifier.url, "student-onnx", policy="fixed", draft_length=3)

@@ -19,7 +19,6 @@ import httpx
 
 from tests.fault_proxy import FaultProxy
 from tests.live_server import LiveServer
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.client import HttpVerifier
 from wisp_edge.engine import FixedLength, SpeculativeEngine
 from tests.results import record
@@ -49,7 +48,7 @@ def _later(seconds: float, action) -> threading.Thread:
     return thread
 
 
-def test_network_faults_and_an_eviction_cost_latency_never_tokens(tmp_path, profile_path, q4_pair,  # noqa: F811
+def test_network_faults_and_an_eviction_cost_latency_never_tokens(tmp_path, profile_path, q4_pair,
                                                                   target_model):
     bytes_per_token = target_model.kv_bytes_per_token
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", "8", "--kv-block-tokens",
@@ -106,7 +105,7 @@ def test_network_faults_and_an_eviction_cost_latency_never_tokens(tmp_path, prof
                                   "identical": True})
 
 
-def test_sigkill_mid_generation_then_restart_on_the_same_port(tmp_path, profile_path, q4_pair):  # noqa: F811
+def test_sigkill_mid_generation_then_restart_on_the_same_port(tmp_path, profile_path, q4_pair):
     server = LiveServer("--threads", "1", "--profile", str(profile_path), "--log-level", "warning",
                         log_path=tmp_path / "log").start()
     try:

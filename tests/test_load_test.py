@@ -11,8 +11,6 @@ import argparse
 
 import pytest
 
-from tests.test_edge_agent import verifier  # noqa: F401  (a verifier on loopback for this module)
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from tools.load_test import run
 from wisp_edge.agent import EdgeAgent
 from wisp_edge.bench import QUESTIONS
@@ -20,7 +18,7 @@ from wisp_edge.settings import EdgeSettings
 
 
 @pytest.fixture(scope="module")
-def setup(verifier):  # noqa: F811
+def setup(verifier):
     agent = EdgeAgent(EdgeSettings(server=verifier.url))
     info = agent.connect()
     prompts = [agent.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
@@ -29,7 +27,7 @@ def setup(verifier):  # noqa: F811
 
 
 @pytest.mark.parametrize("mode", ["wisp", "sled", "centralized"])
-def test_every_request_finishes_and_is_measured(verifier, setup, mode):  # noqa: F811
+def test_every_request_finishes_and_is_measured(verifier, setup, mode):
     info, prompts = setup
     args = argparse.Namespace(drafter="q4", slo=1.0, requests=1, tokens=10, rtt=30.0)
     row = run(verifier.url, mode, 2, args, prompts, info)

@@ -21,8 +21,6 @@ import torch
 
 from tests.hf_target import chat_ids, hf_target
 from tests.results import record
-from tests.test_edge_agent import verifier  # noqa: F401  (`wisp-cloud serve` on loopback for this module)
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.agent import EdgeAgent
 from wisp_edge.settings import EdgeSettings
 
@@ -125,7 +123,7 @@ def _system_answers(url: str, chats: list[list[dict]], workers: int = 4) -> tupl
     return prompts, answers
 
 
-def test_greedy_over_http_equals_transformers_generate(verifier, hf):  # noqa: F811
+def test_greedy_over_http_equals_transformers_generate(verifier, hf):
     tokenizer, model = hf
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
                                      if isinstance(model.generation_config.eos_token_id, int)

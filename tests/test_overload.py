@@ -16,7 +16,6 @@ import time
 import httpx
 
 from tests.live_server import LiveServer
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from tests.results import record
 
@@ -80,7 +79,7 @@ class _Sampler(threading.Thread):
 
 
 def test_a_burst_is_refused_up_front_admitted_sessions_are_served_and_the_server_recovers(
-        tmp_path, profile_path, q4_pair, target_model):  # noqa: F811
+        tmp_path, profile_path, q4_pair, target_model):
     prompt = q4_pair.chat_prompt_ids("Give me three tips for a good night's sleep.")
     greedy = generate(target_model, prompt, max_new_tokens=1 + ROUNDS * (K + 1), eos_ids=())
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", str(KV_BUDGET_MB),

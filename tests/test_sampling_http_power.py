@@ -46,7 +46,6 @@ import wisp_edge.drafting as drafting
 from tests.hf_target import hf_target, next_logits
 from tests.inprocess_server import InProcessServer
 from tests.results import record
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.agent import EdgeAgent
 from wisp_edge.settings import EdgeSettings
 from wisp_edge.wire.sampling import SamplingParams, probs_from_logits, sample, to_sparse
@@ -87,7 +86,7 @@ def exact_cells(model, prompt: list[int]) -> tuple[list[tuple[int, ...]], np.nda
 
 
 @pytest.fixture(scope="module")
-def server(profile_path):  # noqa: F811
+def server(profile_path):
     with InProcessServer(profile=profile_path, rate_limit_rps=0) as live:
         yield live
 

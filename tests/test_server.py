@@ -25,16 +25,6 @@ QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbo
              "Write a haiku about the sea."]
 
 
-@pytest.fixture(scope="session")
-def profile_path(tmp_path_factory, target_model):
-    """A quick estimator profile measured once, so servers start without measuring their own."""
-    from wisp_cloud.profiler import run_profile, save_profile
-
-    path = tmp_path_factory.mktemp("profile") / "profile.json"
-    save_profile(run_profile(target_model, quick=True, progress=False), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, profile_path):
     log = tmp_path_factory.mktemp("server") / "server.log"

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.live_server import LiveServer
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_cloud.generate import generate
 from wisp_edge.client import HttpVerifier
 from wisp_edge.engine import FixedLength, SpeculativeEngine
@@ -29,7 +28,7 @@ def _engine(url, pair, k=4):
                              vocab_fingerprint=pair.vocab_fingerprint), backend
 
 
-def test_an_evicted_session_resends_its_tokens_and_loses_none(tmp_path, profile_path, q4_pair, target_model):  # noqa: F811
+def test_an_evicted_session_resends_its_tokens_and_loses_none(tmp_path, profile_path, q4_pair, target_model):
     # Blocks of 16 tokens and room for ~90: a second session's prefill evicts the idle first one.
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", "4",
                     "--kv-block-tokens", "16", "--log-level", "warning", log_path=tmp_path / "log") as server:
@@ -52,7 +51,7 @@ def test_an_evicted_session_resends_its_tokens_and_loses_none(tmp_path, profile_
         assert _metric(server.url, "wisp_kv_used_bytes") <= 4 * 2**20
 
 
-def test_a_server_restart_mid_generation_costs_latency_not_tokens(tmp_path, profile_path, q4_pair,  # noqa: F811
+def test_a_server_restart_mid_generation_costs_latency_not_tokens(tmp_path, profile_path, q4_pair,
                                                                  target_model):
     server = LiveServer("--threads", "1", "--profile", str(profile_path), "--log-level", "warning",
                         log_path=tmp_path / "log").start()
@@ -70,7 +69,7 @@ def test_a_server_restart_mid_generation_costs_latency_not_tokens(tmp_path, prof
         server.stop()
 
 
-def test_overload_refuses_new_sessions_with_retry_after_and_serves_admitted_ones(tmp_path, profile_path,  # noqa: F811
+def test_overload_refuses_new_sessions_with_retry_after_and_serves_admitted_ones(tmp_path, profile_path,
                                                                                   q4_pair):
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--max-backlog-ms", "1",
                     "--log-level", "warning", log_path=tmp_path / "log") as server:

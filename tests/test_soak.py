@@ -21,7 +21,6 @@ import time
 import httpx
 
 from tests.live_server import LiveServer
-from tests.test_server import profile_path  # noqa: F401  (the shared session fixture)
 from wisp_edge.client import HttpVerifier
 from wisp_edge.engine import FixedLength, SpeculativeEngine
 from tests.results import record
@@ -55,7 +54,7 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
 
 
-def test_soak_many_sessions_without_growth_in_memory_or_file_descriptors(tmp_path, profile_path, q4_pair):  # noqa: F811
+def test_soak_many_sessions_without_growth_in_memory_or_file_descriptors(tmp_path, profile_path, q4_pair):
     prompts = {q: q4_pair.chat_prompt_ids(q) for q in QUESTIONS}
     answers: dict[str, list[int]] = {}
     counts = {"speculative": 0, "abandoned": 0, "centralized": 0, "hung_up": 0, "refused": 0, "compared": 0}
