@@ -19,8 +19,8 @@ from wisp_cloud.estimator import (
 )
 from wisp_cloud.scheduler import VerifyJob
 
-TRUE = (4.0, 0.03, 1e-5, 3e-4, 0.05)  # ms: launch, per new token, per new token x length, per cached token,
-# per row of logits
+TRUE = (4.0, 0.03, 1e-5, 3e-4, 0.05, 0.4)  # ms: launch, per new token, per new token x length, per cached token,
+# per row of logits, per request
 
 
 def random_batch(rng: np.random.Generator) -> list[VerifyCost]:
@@ -55,13 +55,13 @@ def test_verify_cost_derives_length_and_rows_and_rejects_nonsense():
 
 def test_features_by_hand():
     batch = [VerifyCost(2, 10), VerifyCost(100, 0, 1)]
-    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0, 3.0)
+    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0, 3.0, 2.0)
 
 
 def test_predict_is_the_additive_model():
     est = TimeEstimator(TRUE)
     batch = [VerifyCost(3, 500), VerifyCost(1000, 24, 1)]
-    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524 + 0.05 * 4
+    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524 + 0.05 * 4 + 0.4 * 2
     assert est.predict(batch) == pytest.approx(expected)
     # a batch is the intercept plus each member's marginal cost: the scheduler prices batches this way
     assert est.predict(batch) == pytest.approx(est.c0 + sum(est.request_cost_ms(r) for r in batch))
@@ -79,7 +79,8 @@ def test_fit_recovers_coefficients_and_holds_out_well():
     mean_ms = np.mean([ms for _, ms in samples])
     assert report.mae_ms < 0.03 * mean_ms  # noise is 2% of each time
     for got, want, name in zip(est.coefficients, TRUE, FEATURE_NAMES):
-        assert got == pytest.approx(want, rel=0.1), name
+        # rows of logits and requests are partly collinear (a warm request's rows come with the request)
+        assert got == pytest.approx(want, rel=0.25 if name in ("per_logit_row_ms", "per_request_ms") else 0.1), name
     assert est.metadata["holdout"]["r2"] == report.r2 and est.metadata["fit"]["n"] == 140
 
 
@@ -105,7 +106,7 @@ def test_relative_fit_beats_absolute_under_proportional_noise():
 
 def test_coefficients_stay_non_negative_when_data_pulls_one_negative():
     # Times that fall with the cached prefix: unconstrained least squares would price cached tokens below zero.
-    pulling = (6.0, 0.03, 2e-6, -4e-4, 0.01)
+    pulling = (6.0, 0.03, 2e-6, -4e-4, 0.01, 0.2)
     samples = [(b, max(ms, 0.5)) for b, ms in synthetic(120, coefficients=pulling, noise=0.01, seed=3)]
     X = np.array([batch_features(b) for b, _ in samples])
     y = np.array([ms for _, ms in samples])
@@ -168,7 +169,7 @@ def test_save_load_round_trip(tmp_path):
     assert len(loaded.profile) == len(est.profile) and loaded.profile[0] == (est.profile[0][0], est.profile[0][1])
     batch = synthetic(1, seed=9)[0][0]
     assert loaded.predict(batch) == est.predict(batch)
-    path.write_text(path.read_text().replace("wisp-estimator/2", "something-else"))
+    path.write_text(path.read_text().replace(FORMAT, "something-else"))
     with pytest.raises(ValueError):
         TimeEstimator.load(path)
 
@@ -183,7 +184,7 @@ def test_a_profile_of_the_older_format_loads_without_logit_rows(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     est = TimeEstimator.load(path)
-    assert est.coefficients == (*TRUE[:4], 0.0) and est.read_format == "wisp-estimator/1"
+    assert est.coefficients == (*TRUE[:4], 0.0, 0.0) and est.read_format == "wisp-estimator/1"
     assert est.profile[0][0] == [VerifyCost(3, 40), VerifyCost(9, 0)]
     assert est.predict([VerifyCost(3, 40)]) == pytest.approx(4.0 + 0.03 * 3 + 1e-5 * 3 * 43 + 3e-4 * 40)
     est.save(path)

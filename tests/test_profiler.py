@@ -40,7 +40,8 @@ def test_grid_is_deterministic_and_covers_the_server_mix(quick):
     assert any(len(b) > 1 for b in cold)  # prompts arriving together
     assert all(sum(r.kind == "prefill" for r in b) == 1 for b in mixed)
     blocks = [r for b in warm for r in b]
-    assert {r.new_tokens for r in blocks} == set(range(2, 10))  # k = 1..8 drafts plus the last token
+    assert {r.new_tokens for r in blocks} == set(range(1, 10))  # decode steps; k = 1..8 drafts plus the last token
+    assert any(len(b) > 1 and all(r.new_tokens == 1 for r in b) for b in warm)  # decode steps batched
     assert min(r.cached_tokens for r in blocks) < 64 and max(r.cached_tokens for r in blocks) > 400
     assert any(len({r.cached_tokens for r in b}) > 1 for b in warm)  # cache lengths mixed within a batch
     assert all(r.cached_tokens == 0 for b in cold for r in b)

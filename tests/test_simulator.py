@@ -206,3 +206,24 @@ def test_seeded_sweep_reports_median_and_interval_rows():
     (row,) = table
     seeds = [int(x) for x in row["per_seed"].split()]
     assert len(seeds) == 3 and row["ci_low"] == min(seeds) <= cap["wisp"]["8"] == row["median"] <= row["ci_high"]
+
+
+def test_a_fixed_closed_loop_on_one_shared_core_is_the_load_tests_system():
+    """tools/validate.py's setup: each device sends exactly its requests, prompts replayed in the load test's
+    order, and drafting on one shared core takes turns, so four devices draft slower than four cores would."""
+    fixed = replace(SMALL, system="sled_fixed", devices=4, requests_per_device=2, warmup_s=0.0, window_s=0.0,
+                    draft_ahead=False,
+                    workload=replace(TINY, think_s=0.0, stagger_s=0.0, replayed_prompts=(30, 40, 50, 60, 70)))
+    own = simulate(fixed)
+    shared = simulate(replace(fixed, shared_edge_cores=1))
+    for run in (own, shared):
+        _conserved(run)
+        assert sorted((r.device, r.index) for r in run.records) == [(d, k) for d in range(4) for k in range(2)]
+        assert all(r.measured for r in run.records)
+        assert [r.prompt_tokens for r in sorted(run.records, key=lambda r: (r.device, r.index))] == \
+            [30, 40, 40, 50, 50, 60, 60, 70]
+    per_token = {name: sum(r.drafting_ms for r in run.records) / sum(r.drafted for r in run.records)
+                 for name, run in (("own", own), ("shared", shared))}
+    assert per_token["own"] == pytest.approx(per_token["shared"], rel=0.1), "the device's own work is the same"
+    span = {name: max(r.t_last for r in run.records) for name, run in (("own", own), ("shared", shared))}
+    assert span["shared"] > 1.3 * span["own"], "four devices on one core wait for their turns"

@@ -1,12 +1,16 @@
 """Real load test: the verifier on loopback and N real edge engines, WISP vs SLED vs centralized, one run.
 
     python tools/load_test.py [--devices 1,2,4,6] [--modes wisp,sled,centralized] [--rtt 20]
-                              [--slo 4] [--tokens 32] [--requests 2] [--json-out FILE]
+                              [--slo 4] [--tokens 32] [--requests 2] [--prompts public|chat]
+                              [--server-cpus 0 --edge-cpus 1] [--no-draft-ahead] [--json-out FILE]
 
 Every device is a thread with its own drafter (llama.cpp, one thread) and its own HTTP connection,
 whose round trips are lengthened by `--rtt` ms (`wisp_edge.bench.DelayedTransport`). It sends
 `--requests` chat questions back to back (closed loop), each asking for `--tokens` greedy tokens at
-`--slo` tokens/s. Modes:
+`--slo` tokens/s. The questions are the public sets' (MT-Bench and HumanEval, interleaved by category,
+`tools/prompt_sets.py`); `--prompts chat` uses the short home-made chat questions instead. `--server-cpus`
+and `--edge-cpus` pin the verifier and the devices to disjoint cores (tools/validate.py runs it so, to
+compare it with the simulator). Modes:
 
 - `wisp`: the speculation controller (`--policy wisp` on the edge) against `wisp-cloud serve --policy wisp`;
 - `sled`: SLED's confidence rule (0.5, k_max 8) against FCFS batching (`--policy fcfs`);
@@ -53,6 +57,9 @@ class RequestResult:
     total_s: float
     rounds: int = 0
     wasted_ms: float = 0.0
+    prompt_tokens: int = 0
+    started: float = 0.0  # perf_counter at the request's start
+    stats: dict | None = None  # the engine's GenerationStats.summary() (speculative modes)
 
     def rate(self) -> float:
         """Decoding rate after the first token, the quantity an SLO in tokens/s bounds."""
@@ -60,20 +67,21 @@ class RequestResult:
 
 
 def speculative_device(settings: EdgeSettings, drafter, mode: str, prompts: list[list[int]], tokens: int,
-                       rtt_ms: float, eos: tuple[int, ...], fingerprint: str, out: list[RequestResult]) -> None:
+                       rtt_ms: float, eos: tuple[int, ...], fingerprint: str, out: list[RequestResult],
+                       draft_ahead: bool = True) -> None:
     backend = delayed_backend(settings, rtt_ms)
     policy = make_policy(EDGE_POLICY[mode], drafter)  # kept across requests, as an agent keeps it
     try:
         for prompt in prompts:
-            engine = SpeculativeEngine(drafter, backend, policy, eos_ids=eos,
-                                       vocab_fingerprint=fingerprint, slo_tokens_per_s=settings.slo_tokens_per_s)
+            engine = SpeculativeEngine(drafter, backend, policy, eos_ids=eos, vocab_fingerprint=fingerprint,
+                                       slo_tokens_per_s=settings.slo_tokens_per_s, draft_ahead=draft_ahead)
             t0, ttft, n = time.perf_counter(), None, 0
             for _ in engine.generate(prompt, max_new_tokens=tokens):
                 ttft = ttft if ttft is not None else time.perf_counter() - t0
                 n += 1
             s = engine.stats
             out.append(RequestResult(n, ttft or 0.0, time.perf_counter() - t0, len(s.rounds),
-                                     sum(r.wasted_drafting_ms for r in s.rounds)))
+                                     sum(r.wasted_drafting_ms for r in s.rounds), len(prompt), t0, s.summary()))
     finally:
         backend.close()
 
@@ -95,7 +103,7 @@ def centralized_device(settings: EdgeSettings, prompts: list[list[int]], tokens:
                         if line.startswith("data: {"):  # one event per generated token
                             ttft = ttft if ttft is not None else time.perf_counter() - t0
                             n += 1
-            out.append(RequestResult(n, ttft or 0.0, time.perf_counter() - t0))
+            out.append(RequestResult(n, ttft or 0.0, time.perf_counter() - t0, prompt_tokens=len(prompt), started=t0))
 
 
 def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info: dict) -> dict:
@@ -111,7 +119,8 @@ def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info:
             target, fn_args = centralized_device, (settings, mine, args.tokens, args.rtt, results[d])
         else:
             target, fn_args = speculative_device, (settings, drafters[d], mode, mine, args.tokens, args.rtt,
-                                                   tuple(info["eos_token_ids"]), info["vocab_fingerprint"], results[d])
+                                                   tuple(info["eos_token_ids"]), info["vocab_fingerprint"], results[d],
+                                                   getattr(args, "draft_ahead", True))
         threads.append(threading.Thread(target=target, args=fn_args, daemon=True))
     t0 = time.perf_counter()
     for t in threads:
@@ -131,7 +140,57 @@ def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info:
             "ttft_p95_ms": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000, 1),
             "mean_rate_tok_s": round(statistics.mean(r.rate() for r in done), 2),
             "tokens_per_round": round(tokens / rounds, 2) if rounds else None,
-            "wasted_ms_per_token": round(sum(r.wasted_ms for r in done) / tokens, 2) if rounds else None}
+            "wasted_ms_per_token": round(sum(r.wasted_ms for r in done) / tokens, 2) if rounds else None,
+            "requests_detail": [{"device": d, "k": k, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
+                                 "ttft_s": round(r.ttft_s, 4), "total_s": round(r.total_s, 4),
+                                 "start_s": round(r.started - t0, 4), "rate": round(r.rate(), 3),
+                                 "met": r.rate() >= args.slo, "rounds": r.rounds, "engine": r.stats}
+                                for d, device in enumerate(results) for k, r in enumerate(device)]}
+
+
+def public_questions(n: int = 0) -> list[str]:
+    """The public sets' prompts, categories interleaved (one of each in turn), so any first few mix them."""
+    from tools.prompt_sets import load
+
+    by_category: dict[str, list[str]] = {}
+    for p in load():
+        by_category.setdefault(p.category, []).append(p.text)
+    order = [texts[i] for i in range(max(map(len, by_category.values())))
+             for texts in by_category.values() if i < len(texts)]
+    return order[:n] if n else order
+
+
+def pin_this_process(cpus: set[int]) -> None:
+    """Every thread of this process (and those it starts later) on `cpus`."""
+    import os
+
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def cpus(text: str | None) -> set[int] | None:
+    return {int(c) for c in text.split(",")} if text else None
+
+
+def serve_and_run(args, server_policy: str, modes: list[str], counts: list[int], on_ready=None):
+    """Start the verifier with `server_policy`, then yield one row per mode and device count
+    (`on_ready(url, prompts)` first, if given: tools/validate.py measures the link and the drafter there)."""
+    if args.edge_cpus:
+        pin_this_process(cpus(args.edge_cpus))
+    extra = ["--profile", str(args.profile)] if args.profile else []
+    with LiveServer("--threads", str(args.server_threads), "--policy", server_policy, "--log-level", "warning",
+                    *extra, log_path=Path(f"/tmp/wisp-load-test-{server_policy}.log"),
+                    cpus=cpus(args.server_cpus)) as server:
+        agent = EdgeAgent(EdgeSettings(server=server.url, drafter=args.drafter))
+        info = agent.connect()
+        questions = public_questions() if args.prompts == "public" else list(QUESTIONS)
+        prompts = [agent.chat_ids([{"role": "user", "content": q}]) for q in questions]
+        agent.close()
+        if on_ready is not None:
+            on_ready(server.url, prompts)
+        for mode in modes:
+            for n in counts:
+                yield run(server.url, mode, n, args, prompts, info)
 
 
 def main() -> int:
@@ -144,6 +203,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per device, back to back")
     parser.add_argument("--drafter", default="q4")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the verifier")
+    parser.add_argument("--prompts", choices=["public", "chat"], default="public",
+                        help="public: MT-Bench + HumanEval (tools/prompt_sets.py); chat: short home-made questions")
+    parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="the edge drafts the next block while one is verified (the engine's default)")
+    parser.add_argument("--server-cpus", help="pin the verifier to these cores (comma-separated)")
+    parser.add_argument("--edge-cpus", help="pin the devices (this process) to these cores")
+    parser.add_argument("--profile", type=Path, help="the verifier's estimator profile (measured there if missing)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     counts = [int(x) for x in args.devices.split(",")]
@@ -152,23 +218,17 @@ def main() -> int:
     print(f"{'mode':>12} {'devices':>7} {'goodput':>8} {'thrput':>7} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
           f"{'rate':>6} {'tok/round':>9} {'wasted ms/tok':>13}", flush=True)
     for server_policy in dict.fromkeys(SERVER_POLICY[m] for m in modes):
-        with LiveServer("--threads", str(args.server_threads), "--policy", server_policy, "--log-level", "warning",
-                        log_path=Path(f"/tmp/wisp-load-test-{server_policy}.log")) as server:
-            agent = EdgeAgent(EdgeSettings(server=server.url, drafter=args.drafter))
-            info = agent.connect()
-            prompts = [agent.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
-            agent.close()
-            for mode in (m for m in modes if SERVER_POLICY[m] == server_policy):
-                for n in counts:
-                    r = run(server.url, mode, n, args, prompts, info)
-                    rows.append(r)
-                    print(f"{mode:>12} {n:>7} {r['goodput_tok_s']:>8.2f} {r['throughput_tok_s']:>7.2f} "
-                          f"{r['slo_attainment']:>8.0%} {r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>9.0f} "
-                          f"{r['mean_rate_tok_s']:>6.2f} {str(r['tokens_per_round'] or '-'):>9} "
-                          f"{str(r['wasted_ms_per_token'] if r['wasted_ms_per_token'] is not None else '-'):>13}",
-                          flush=True)
+        for r in serve_and_run(args, server_policy, [m for m in modes if SERVER_POLICY[m] == server_policy], counts):
+            rows.append(r)
+            print(f"{r['mode']:>12} {r['devices']:>7} {r['goodput_tok_s']:>8.2f} {r['throughput_tok_s']:>7.2f} "
+                  f"{r['slo_attainment']:>8.0%} {r['ttft_p50_ms']:>9.0f} {r['ttft_p95_ms']:>9.0f} "
+                  f"{r['mean_rate_tok_s']:>6.2f} {str(r['tokens_per_round'] or '-'):>9} "
+                  f"{str(r['wasted_ms_per_token'] if r['wasted_ms_per_token'] is not None else '-'):>13}", flush=True)
     if args.json_out:
-        args.json_out.write_text(json.dumps({"args": vars(args) | {"json_out": None}, "rows": rows}, indent=2) + "\n")
+        args.json_out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items() if k != "json_out"},
+                                             "prompt_set": "MT-Bench (80) + HumanEval (164)" if args.prompts == "public"
+                                             else "home-made chat questions", "rows": rows}, indent=2) + "\n")
     return 0
 
 

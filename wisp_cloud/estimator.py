@@ -1,6 +1,6 @@
 """Verification time estimator: an additive linear model of one batched verify forward.
 
-    T(B) = c0 + c1 * sum(n_i) + c2 * sum(n_i * L_i) + c3 * sum(C_i) + c4 * sum(R_i)
+    T(B) = c0 + c1 * sum(n_i) + c2 * sum(n_i * L_i) + c3 * sum(C_i) + c4 * sum(R_i) + c5 * |B|
 
 n_i = new (uncached) tokens of request i, L_i = its total length after the round (C_i + n_i), C_i = its
 cached prefix tokens, R_i = the rows of logits it reads (a verify block all of its n_i rows, a prefill only
@@ -8,7 +8,9 @@ its last, a resume none). c0 is the per-batch launch cost, c1 the per-token MLP/
 attention cost of new tokens against the whole context, c3 reading the cached KV, c4 the output
 projection of one row (a [hidden x vocab] product: for the shipped target about a fifth of a token's
 FLOPs, so a verify token costs more than a prompt token; without it the held-out error on the full
-profile grid was 13%, with it 7%). Because the model is
+profile grid was 13%, with it 7%), c5 the fixed cost of one request in the batch (its block table,
+gather, sampling and verification: on one CPU thread about 14 ms, which made a batch of eight decode steps
+take three times one step, not the 1.3 times the token terms give). Because the model is
 a sum over requests, a warm request (long cache, few new tokens) and a cold one (a whole prompt) compare
 on one scale, and a batch's time is the intercept plus each member's own marginal cost; the scheduler
 relies on that to price a batch incrementally.
@@ -37,9 +39,10 @@ import numpy as np
 from scipy.optimize import nnls
 
 FEATURE_NAMES = ("intercept_ms", "per_new_token_ms", "per_new_token_x_len_ms", "per_cached_token_ms",
-                 "per_logit_row_ms")
-FORMAT = "wisp-estimator/2"
-OLD_FORMATS = ("wisp-estimator/1",)  # four coefficients, no logit rows: read with per_logit_row_ms = 0
+                 "per_logit_row_ms", "per_request_ms")
+FORMAT = "wisp-estimator/3"
+# /1: four coefficients (no logit rows), /2: five (no per-request term); the missing terms read as 0
+OLD_FORMATS = ("wisp-estimator/1", "wisp-estimator/2")
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,16 @@ class VerifyCost:
 Sample = tuple[Sequence[VerifyCost], float]  # (the batch, measured milliseconds)
 
 
-def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, float, float, float, float]:
-    """[1, sum n, sum n*L, sum C, sum R]: the model's design row for one batch."""
-    new = new_x_len = cached = rows = 0
+def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, float, float, float, float, float]:
+    """[1, sum n, sum n*L, sum C, sum R, requests]: the model's design row for one batch."""
+    new = new_x_len = cached = rows = count = 0
     for req in batch:
         new += req.new_tokens
         new_x_len += req.new_tokens * req.total_len
         cached += req.cached_tokens
         rows += req.rows
-    return 1.0, float(new), float(new_x_len), float(cached), float(rows)
+        count += 1
+    return 1.0, float(new), float(new_x_len), float(cached), float(rows), float(count)
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def split(samples: Sequence[Sample], holdout_fraction: float, seed: int = 0) -> 
 
 
 def _design(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, 5]
+    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, 6]
     y = np.array([ms for _, ms in samples], dtype=np.float64)  # [n_samples]
     return X.reshape(len(samples), len(FEATURE_NAMES)), y
 
@@ -178,15 +182,17 @@ class TimeEstimator:
     # --- coefficients and margin -------------------------------------------------------------
 
     def _set_coefficients(self, coefficients: Sequence[float]) -> None:
+        """In FEATURE_NAMES order; trailing terms left out are 0 (as older profile formats load)."""
         c = [float(x) for x in coefficients]
-        if len(c) != len(FEATURE_NAMES) or any(x < 0 or not math.isfinite(x) for x in c):
-            raise ValueError(f"need {len(FEATURE_NAMES)} finite non-negative coefficients, got {coefficients}")
-        self.c0, self.c1, self.c2, self.c3, self.c4 = c
+        if not 1 <= len(c) <= len(FEATURE_NAMES) or any(x < 0 or not math.isfinite(x) for x in c):
+            raise ValueError(f"need up to {len(FEATURE_NAMES)} finite non-negative coefficients, got {coefficients}")
+        c += [0.0] * (len(FEATURE_NAMES) - len(c))
+        self.c0, self.c1, self.c2, self.c3, self.c4, self.c5 = c
         self.version += 1
 
     @property
-    def coefficients(self) -> tuple[float, float, float, float, float]:
-        return self.c0, self.c1, self.c2, self.c3, self.c4
+    def coefficients(self) -> tuple[float, float, float, float, float, float]:
+        return self.c0, self.c1, self.c2, self.c3, self.c4, self.c5
 
     @property
     def margin(self) -> Margin:
@@ -202,7 +208,8 @@ class TimeEstimator:
     def request_cost_ms(self, req: VerifyCost) -> float:
         """The request's marginal raw cost: what it adds to any batch (no intercept, no margin)."""
         n = req.new_tokens
-        return self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens + self.c4 * req.rows
+        return (self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens + self.c4 * req.rows
+                + self.c5)
 
     def with_margin(self, raw_ms: float) -> float:
         return self._margin.apply(raw_ms)
@@ -264,7 +271,7 @@ class TimeEstimator:
         weights = 1.0 / y if self.relative else np.ones_like(y)  # [n_samples]
         # Columns span ~1 to ~1e7 (n*L); scale each to unit norm so NNLS is well conditioned. A positive
         # column scale keeps the non-negativity constraint intact.
-        Xw = X * weights[:, None]  # [n_samples, 5]
+        Xw = X * weights[:, None]  # [n_samples, 6]
         norms = np.linalg.norm(Xw, axis=0)
         norms[norms == 0] = 1.0
         scaled, _ = nnls(Xw / norms, y * weights)

@@ -67,12 +67,15 @@ class ProfileResult:
 
 # Per grid: warm verify batch sizes and draws per size, the longest cached prefix, prompt lengths timed
 # alone, groups of 2..group_size prompts up to group_max tokens, and mixed batches of one prompt in
-# mixed_prompt plus 1..mixed_verifies warm blocks. Quick is sized for ~10 s on two CPU cores (135M target).
+# mixed_prompt plus 1..mixed_verifies warm blocks, and decode steps (one new token per session: centralized
+# serving, and the floor every small verify batch sits on; without them the fit's intercept is extrapolated).
+# Quick is sized for ~10 s on two CPU cores (135M target).
 _GRID_SIZES = {
-    True: dict(verify_batch_sizes=(1, 2, 4, 8, 16, 32), verify_draws=1, max_cached=512,
+    True: dict(decode_batch_sizes=(1, 8), verify_batch_sizes=(1, 2, 4, 8, 16, 32), verify_draws=1, max_cached=512,
                prefills=(16, 64, 128, 256), groups=1, group_size=3, group_max=128,
                mixed=3, mixed_prompt=(16, 128), mixed_verifies=8),
-    False: dict(verify_batch_sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), verify_draws=3, max_cached=1024,
+    False: dict(decode_batch_sizes=(1, 1, 2, 4, 8, 16), verify_batch_sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                verify_draws=3, max_cached=1024,
                 prefills=(16, 32, 64, 96, 128, 192, 256, 384, 512), groups=5, group_size=4, group_max=256,
                 mixed=10, mixed_prompt=(16, 512), mixed_verifies=16),
 }
@@ -84,7 +87,8 @@ def _log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def profile_grid(quick: bool, max_seq_len: int, seed: int = 0) -> list[list[ProfileRequest]]:
-    """The batch configurations to time: warm verify batches, cold prefills (alone and grouped), mixed batches.
+    """The batch configurations to time: decode steps, warm verify batches, cold prefills (alone and grouped),
+    mixed batches.
 
     Warm verifies draw 2..9 new tokens (a k = 1..8 draft plus the last committed token) and a cached
     prefix of 16..max_cached tokens per request, mixed within a batch as live traffic is. Every request
@@ -111,6 +115,8 @@ def profile_grid(quick: bool, max_seq_len: int, seed: int = 0) -> list[list[Prof
     for _ in range(sizes["mixed"]):
         verifies = int(rng.integers(1, sizes["mixed_verifies"] + 1))
         grid.append([prefill(*sizes["mixed_prompt"])] + [verify() for _ in range(verifies)])
+    for size in sizes["decode_batch_sizes"]:
+        grid.append([ProfileRequest(1, _log_uniform(rng, 16, max_cached), "verify") for _ in range(size)])
     return grid
 
 

@@ -39,12 +39,30 @@ from wisp_edge.wire.protocol import VerifyReply
 CLIENT_MAX_WAIT_S = 60.0  # HttpVerifier.max_wait_s
 
 
+CORE_SLICE_MS = 4.0  # a shared core's turn: about the Linux scheduler's slice when a few tasks compete
+
+
 @dataclass
 class Device:
     index: int
     profile: DeviceProfile
     link: net.Link
     rng: np.random.Generator
+    core: simpy.Resource | None = None  # a CPU core shared with other devices (the validation setup), else its own
+
+    def compute(self, env: simpy.Environment, ms: float):
+        """`ms` of this device's CPU work (drafting, prefill): on its own core, just that long; on a shared core,
+        in turns of CORE_SLICE_MS with the other devices' work (processor sharing, as the OS shares one core)."""
+        if self.core is None:
+            if ms > 0:
+                yield env.timeout(ms / 1000.0)
+            return
+        while ms > 1e-9:
+            piece = min(ms, CORE_SLICE_MS)
+            with self.core.request() as turn:
+                yield turn
+                yield env.timeout(piece / 1000.0)
+            ms -= piece
 
 
 @dataclass
@@ -126,12 +144,15 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
         """Send one block (drafting time first), resume the session if it was evicted, commit the reply;
         drafts ahead during the round trip when the plan says so (sets `ahead_free` for the next block)."""
         nonlocal session, cursor, ahead_free
-        drafting_s = sum(block.times_ms[block.hidden:]) / 1000.0
-        t0 = env.now + drafting_s
+        drafting_ms = sum(block.times_ms[block.hidden:])
+        if dev.core is not None:
+            yield from dev.compute(env, drafting_ms)
+            drafting_ms = 0.0
+        t0 = env.now + drafting_ms / 1000.0
         while True:  # drafting and the uplink in one timeout: fewer events, same times
-            yield env.timeout(drafting_s + dev.link.one_way_s(net.VERIFY_UP_BASE + net.PER_DRAFT_TOKEN * block.drafted,
-                                                              True, dev.rng))
-            drafting_s = 0.0
+            yield env.timeout(drafting_ms / 1000.0 +
+                              dev.link.one_way_s(net.VERIFY_UP_BASE + net.PER_DRAFT_TOKEN * block.drafted, True, dev.rng))
+            drafting_ms = 0.0
             try:
                 reply = yield server.verify(session, block.drafted, block.accepted, plan.net_ms)
             except Refused:
@@ -172,20 +193,23 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
     # What-ifs: "overlapped" prefills the prompt while the server does; "free" costs nothing.
     prefill_s = (rec.prompt_tokens + 1) / dev.profile.prefill_tok_s
     if drafter_prefill == "cloud" and prefill_s > SHORT_PREFILL_S:
-        prefill_end, decoded = env.now + prefill_s, 0
-        while env.now < prefill_end and not plan.finished(rec.tokens):
+        prefill = env.process(dev.compute(env, prefill_s * 1000.0))  # in the background, on the device's CPU
+        decoded = 0
+        while not prefill.processed and not plan.finished(rec.tokens):
             before = rec.tokens
             if not (yield from round_trip(plan.next_round(rec.tokens, None), Block(0, 0))):
                 return
             decoded += rec.tokens - before
             rec.cloud_rounds += 1
-        prefill_s = max(0.0, prefill_end - env.now) + decoded / dev.profile.prefill_tok_s
+        if not plan.finished(rec.tokens):
+            yield prefill
+        prefill_s = decoded / dev.profile.prefill_tok_s  # then the drafter catches up on the cloud's tokens
     elif drafter_prefill == "overlapped":
         prefill_s = max(1.0 / dev.profile.prefill_tok_s, t_open + prefill_s - env.now)
     elif drafter_prefill == "free":
         prefill_s = 0.0
     if not plan.finished(rec.tokens):
-        yield env.timeout(prefill_s)
+        yield from dev.compute(env, prefill_s * 1000.0)
     while not plan.finished(rec.tokens):
         rnd = plan.next_round(rec.tokens, policy.max_draft(), ahead_free)
         block = draft_block(policy, path, cursor, rnd.budget, dev.profile, charge_predictor, dev.rng)

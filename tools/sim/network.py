@@ -38,6 +38,9 @@ NETWORKS = {
     "wifi-metro": NetworkProfile("wifi-metro", 30.0, 0.35, 0.15, 20.0, 50.0),
     "lan": NetworkProfile("lan", 2.0, 0.3, 0.2, 100.0, 100.0),
     "lte": NetworkProfile("lte", 60.0, 0.45, 0.25, 10.0, 30.0),
+    # tools/load_test.py's link: loopback HTTP with a fixed emulated delay, the same for every device and message
+    # (set the RTT to the emulated delay plus the measured HTTP round trip)
+    "loopback": NetworkProfile("loopback", 1.0, 0.0, 0.0, 10_000.0, 10_000.0),
 }
 
 

@@ -22,7 +22,7 @@ import simpy
 
 from tools.sim import edge
 from tools.sim.acceptance import TraceAcceptance, make_acceptance
-from tools.sim.devices import fleet_device
+from tools.sim.devices import DeviceProfile, fleet_device
 from tools.sim.metrics import RequestRecord, summarize
 from tools.sim.network import NETWORKS, Link
 from tools.sim.predictors import predictor_for
@@ -58,6 +58,11 @@ class SimConfig:
     draft_ahead: bool = False  # the engine's default is on (drafting during verification); the published sweeps
     # predate it, so they keep it off and the levers study measures it
     coefficients: tuple | None = None  # a what-if server: replaces the profile's (c0, c1, c2, c3); None keeps one
+    requests_per_device: int | None = None  # a fixed closed loop (the real load test's): each device sends exactly
+    # this many requests back to back and every one is measured; None: the open-ended loop above
+    device_profile: DeviceProfile | None = None  # every device is this one (a measured device), else the fleet's
+    shared_edge_cores: int | None = None  # the devices draft on this many shared CPU cores (device i on core
+    # i mod n, as the real load test runs them); None: each device has its own
 
     @property
     def workload_name(self) -> str:
@@ -140,27 +145,32 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
     window = (cfg.warmup_s, cfg.warmup_s + cfg.window_s)
     watch_until = window[1] if cfg.measure_until is None else max(window[1], cfg.measure_until)
     expected = None if cfg.measure_until is not None else cfg.devices * cfg.measure_requests
+    if cfg.requests_per_device is not None:
+        expected = cfg.devices * cfg.requests_per_device
+    cores = [simpy.Resource(env, capacity=1) for _ in range(cfg.shared_edge_cores or 0)]
     monitor = _Monitor(env, watch_until, expected, cfg.early_stop_below)
     records: list[RequestRecord] = []
     policies: list = []
 
     def is_measured(k: int, now: float) -> bool:
+        if cfg.requests_per_device is not None:
+            return True
         if cfg.measure_until is not None:
             return now < cfg.measure_until
         return 1 <= k <= cfg.measure_requests
 
     def device(i: int):
-        dev = edge.Device(i, fleet_device(cfg.fleet, i, cfg.seed),
+        dev = edge.Device(i, cfg.device_profile or fleet_device(cfg.fleet, i, cfg.seed),
                           Link.sample(netprof, np.random.default_rng([cfg.seed, i, 2])),
-                          np.random.default_rng([cfg.seed, i, 3]))
+                          np.random.default_rng([cfg.seed, i, 3]), cores[i % len(cores)] if cores else None)
         start, end = device_window(i, cfg.devices, wl.bursts, math.inf)
         stagger = wl.stagger_s if i < cfg.devices else min(2.0, (end - start) / 4)
         yield env.timeout(start + np.random.default_rng([cfg.seed, i, 4]).uniform(0.0, stagger))
         k = 0
-        while env.now < end:
+        while env.now < end and (cfg.requests_per_device is None or k < cfg.requests_per_device):
             rng = np.random.default_rng([cfg.seed, i, k, 5])
             rec = RequestRecord(i, dev.profile.name, k, wl.slo_of(rng), is_measured(k, env.now), env.now,
-                                wl.prompt.sample(rng), wl.output.sample(rng))
+                                wl.prompt_tokens(i, k, rng), wl.output.sample(rng))
             records.append(rec)
             watched = rec.measured or env.now < watch_until
             if watched:

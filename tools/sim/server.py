@@ -13,10 +13,8 @@ checks that both decide alike). Only what a simulation must stand in for is here
   drafts are accepted; the server reveals it when the batch finishes;
 - the clock: SimPy's.
 
-One deliberate difference: a centralized session's next decode step is queued as soon as its step
-finishes, before the next batch is formed (vLLM's continuous batching). The service queues it when the
-decode coroutine resumes, after its batch loop has already formed the next batch from whatever else was
-queued, so with other work waiting a decoding session can sit out a step there.
+A centralized session's next decode step is queued as soon as its step finishes, before the next batch is
+formed (continuous batching), as the service's batch loop queues it (`VerifierService.decode`).
 """
 
 from __future__ import annotations

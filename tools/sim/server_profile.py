@@ -1,6 +1,6 @@
 """Server profiles: the estimator the scheduler plans with, and the forward time the simulated GPU takes.
 
-A profile is an estimator file (`wisp-estimator/1`, loaded by the production `TimeEstimator.load`) with
+A profile is an estimator file (`wisp-estimator/1` to `/3`, loaded by the production `TimeEstimator.load`) with
 a `sim` block: KV bytes per token, the KV budget, the batch token cap, the timing noise and, where the
 coefficients were derived rather than measured, the assumptions they came from.
 
@@ -188,15 +188,15 @@ def fit_with_kv_read(est: TimeEstimator, samples, c3: float) -> None:
     up the KV reads of its mid-sized batches), and a simulated centralized server would read its KV free."""
     from scipy.optimize import nnls
 
-    X = np.array([batch_features(batch) for batch, _ in samples])  # [n, 5]; logit rows unused: every row's
-    # logits are already in the roofline's 2 x params FLOPs per new token
+    X = np.array([batch_features(batch) for batch, _ in samples])  # [n, 6]; logit rows unused: every row's
+    # logits are already in the roofline's 2 x params FLOPs per new token; no per-request term either
     y = np.array([ms for _, ms in samples])  # [n]
     w = 1.0 / y
     Xw = X[:, :3] * w[:, None]
     norms = np.linalg.norm(Xw, axis=0)
     head, _ = nnls(Xw / norms, (y - c3 * X[:, 3]) * w)
     est.fit(samples)  # the profile samples and the bookkeeping; the coefficients are replaced below
-    est._set_coefficients([*(head / norms), c3, 0.0])
+    est._set_coefficients([*(head / norms), c3, 0.0, 0.0])
     est.metadata["fit"] = asdict(est.evaluate(samples))
 
 
