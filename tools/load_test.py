@@ -106,7 +106,9 @@ def centralized_device(settings: EdgeSettings, prompts: list[list[int]], tokens:
             out.append(RequestResult(n, ttft or 0.0, time.perf_counter() - t0, prompt_tokens=len(prompt), started=t0))
 
 
-def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info: dict) -> dict:
+def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info: dict, offset: int = 0) -> dict:
+    """One mode at one device count: device d's request i asks prompts[(offset + d * requests + i) % len(prompts)]
+    (every request its own prompt)."""
     settings = EdgeSettings(server=url, drafter=args.drafter, slo_tokens_per_s=args.slo, max_wait_s=120)
     results: list[list[RequestResult]] = [[] for _ in range(devices)]
     threads = []
@@ -114,7 +116,7 @@ def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info:
     # stderr file descriptors, and loads in parallel threads can leave them pointing at /dev/null.
     drafters = [load_drafter(settings.drafter, n_threads=1) for _ in range(devices)] if mode != "centralized" else []
     for d in range(devices):
-        mine = [prompts[(d + i) % len(prompts)] for i in range(args.requests)]
+        mine = [prompts[(offset + d * args.requests + i) % len(prompts)] for i in range(args.requests)]
         if mode == "centralized":
             target, fn_args = centralized_device, (settings, mine, args.tokens, args.rtt, results[d])
         else:
@@ -133,7 +135,7 @@ def run(url: str, mode: str, devices: int, args, prompts: list[list[int]], info:
     tokens = sum(r.tokens for r in done)
     rounds = sum(r.rounds for r in done)
     ttfts = sorted(r.ttft_s for r in done)
-    return {"mode": mode, "devices": devices, "requests": len(done), "wall_s": round(wall, 2),
+    return {"mode": mode, "devices": devices, "requests": len(done), "prompt_offset": offset, "wall_s": round(wall, 2),
             "throughput_tok_s": round(tokens / wall, 2), "goodput_tok_s": round(sum(r.tokens for r in met) / wall, 2),
             "slo_attainment": round(len(met) / len(done), 3),
             "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
@@ -188,9 +190,12 @@ def serve_and_run(args, server_policy: str, modes: list[str], counts: list[int],
         agent.close()
         if on_ready is not None:
             on_ready(server.url, prompts)
+        offset = 0
         for mode in modes:
             for n in counts:
-                yield run(server.url, mode, n, args, prompts, info)
+                yield run(server.url, mode, n, args, prompts, info, offset)
+                if getattr(args, "fresh_prompts", False):  # no prompt twice: the prefix cache would serve it
+                    offset += n * args.requests
 
 
 def main() -> int:

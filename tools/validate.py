@@ -5,9 +5,11 @@
 
 The system: the verifier (`wisp-cloud serve --policy wisp --threads 1`) pinned to core 0, N edge devices
 (threads of this process, each with its own Q4_1 llama.cpp drafter on one thread) all pinned to core 1,
-loopback HTTP with `--rtt` ms added to every round trip, N devices x `--requests` requests back to back,
-the public sets' prompts (MT-Bench + HumanEval), `--tokens` greedy tokens each at an SLO of `--slo` tok/s,
-drafting ahead off. Systems: `wisp` (speculative: WISP's controller and scheduler) and `centralized` (the
+loopback HTTP with `--rtt` ms added to every round trip, N devices x `--requests` requests back to back
+(`--repeats` runs per point, each on prompts of its own),
+the public sets' prompts (MT-Bench + HumanEval; no prompt asked twice in the whole run, or the verifier's
+prefix cache would serve a repeat almost free, which the simulator does not model), `--tokens` greedy tokens
+each at an SLO of `--slo` tok/s, drafting ahead off. Systems: `wisp` (speculative: WISP's controller and scheduler) and `centralized` (the
 same server decoding every token, streamed: the simulator's `centralized_wisp`).
 
 The simulator's setup is built from what this run measures, never from the measured runs' results: the
@@ -15,8 +17,9 @@ estimator profile of the target measured on the verifier's core (`wisp-cloud pro
 grid; the server plans with it too), the drafting time per token and the drafter's prefill speed of one
 device alone in the engine on the edge core (two prompts the runs do not use), the loopback round trip of `GET /health` plus `--rtt`, the same prompt lengths in
 the same order, and the shared edge core (`SimConfig.shared_edge_cores=1`: the devices' drafting takes
-turns on one core). The acceptance is the shipped Q4_1 drafter's logged rounds on the public sets. The
-simulation runs `--seeds` seeds; its figure is the median with a 95% interval.
+turns on one core). The acceptance is the shipped Q4_1 drafter's logged rounds on the public sets. Each real
+run is simulated with `--seeds` seeds; both sides report the median and a 95% interval (stats.median_ci; with
+three real runs, their range).
 
 Writes <out>/validation.csv, <out>/validation.png, <out>/summary.json (max_throughput_rel_error,
 max_attainment_abs_error; aims 0.15 and 0.1), <out>/real.json (the load test's rows) and
@@ -50,10 +53,13 @@ SIM_SYSTEM = {"wisp": "wisp", "centralized": "centralized_wisp"}  # the real ser
 THROUGHPUT_AIM, ATTAINMENT_AIM = 0.15, 0.10
 
 
-def measure_device(url: str, drafter_name: str, prompts: list[list[int]], rtt_ms: float) -> DeviceProfile:
+def measure_device(url: str, drafter_name: str, prompts: list[list[int]], rtt_ms: float,
+                   http_rtt_ms: float) -> DeviceProfile:
     """The device as the engine sees it, alone on the pinned edge core: drafting time per drafted token (the
-    drafter's evaluation, sampling and the controller) and the drafter's prefill speed, from two generations
-    on prompts the measured runs never use. Sharing the core among N devices is the simulator's part."""
+    drafter's evaluation, sampling and the controller), the drafter's prefill speed, and the HTTP client's
+    work per round (a round's wall time beyond the server's queue and forward, the emulated delay and the
+    bare loopback round trip), from two generations on prompts the measured runs never use. Sharing the core
+    among N devices is the simulator's part."""
     from tools.load_test import speculative_device
     from wisp_edge.agent import EdgeAgent
     from wisp_edge.drafters import load_drafter
@@ -69,9 +75,13 @@ def measure_device(url: str, drafter_name: str, prompts: list[list[int]], rtt_ms
     stats = [r.stats for r in results]
     draft_ms = sum(s["drafting_ms"] for s in stats) / sum(s["drafted"] for s in stats)
     prefill_tok_s = sum(len(p) + 1 for p in prompts[-2:]) / (sum(s["drafter_prefill_ms"] for s in stats) / 1000)
+    rounds = sum(s["rounds"] for s in stats)
+    beyond = sum(s["rtt_ms"] - s["verify_ms"] - s["queue_ms"] for s in stats) / rounds - rtt_ms - http_rtt_ms
     return DeviceProfile("validation-edge-core", draft_ms, prefill_tok_s, 0.0, jitter=0.05,
                          source=f"{drafter_name} drafter in the engine, alone on the pinned edge core: {draft_ms:.1f} "
-                                f"ms per drafted token (controller included), prefill {prefill_tok_s:.0f} tok/s")
+                                f"ms per drafted token (controller included), prefill {prefill_tok_s:.0f} tok/s, "
+                                f"{max(0.0, beyond):.1f} ms of client work per round",
+                         round_cpu_ms=max(0.0, beyond))
 
 
 def measure_profile(path: Path, server_cpus: set[int] | None, quick: bool) -> None:
@@ -100,20 +110,40 @@ def sim_profile(measured: Path, out: Path) -> Path:
     return out
 
 
-def sim_row(system: str, devices: int, args, base: SimConfig) -> dict:
-    """The simulator at one point: throughput and attainment per seed as the load test computes them."""
+def sim_runs(row: dict, args, base: SimConfig) -> tuple[list[float], list[float]]:
+    """The simulator at one real run's point (its prompts, device by device), `--seeds` seeds: throughput and
+    attainment per seed, computed as the load test computes them."""
+    devices = row["devices"]
+    asked = [[q["prompt_tokens"] for q in sorted(row["requests_detail"], key=lambda q: q["k"]) if q["device"] == d]
+             for d in range(devices)]
+    workload = replace(base.workload, replayed_prompts=tuple(tuple(x) for x in asked))
     thr, att = [], []
     for seed in range(args.seeds):
-        run = simulate(replace(base, system=SIM_SYSTEM[system], devices=devices, seed=seed))
+        run = simulate(replace(base, system=SIM_SYSTEM[row["mode"]], devices=devices, seed=seed, workload=workload))
         recs = [r for r in run.records if r.measured]
         span = max(r.t_last or r.arrival for r in recs) - min(r.arrival for r in recs)
         thr.append(sum(r.tokens for r in recs) / span if span > 0 else 0.0)
         att.append(sum(r.met for r in recs) / len(recs))
-    t, a = median_ci(thr), median_ci(att)
-    t, tl, th, a, al, ah = t.median, t.ci_low, t.ci_high, a.median, a.ci_low, a.ci_high
-    return {"sim_throughput": round(t, 2), "sim_throughput_ci_low": round(tl, 2), "sim_throughput_ci_high": round(th, 2),
-            "sim_attainment": round(a, 3), "sim_attainment_ci_low": round(al, 3), "sim_attainment_ci_high": round(ah, 3),
-            "sim_seeds_throughput": [round(x, 2) for x in thr]}
+    return thr, att
+
+
+def point(system: str, devices: int, real_rows: list[dict], sims: list[tuple[list[float], list[float]]]) -> dict:
+    """One (system, devices) point: medians and 95% intervals of the real repeats and of every simulated run."""
+    out = {"system": system, "devices": devices, "real_runs": len(real_rows)}
+    for side, values in (("real", {"throughput": [r["throughput_tok_s"] for r in real_rows],
+                                   "attainment": [r["slo_attainment"] for r in real_rows]}),
+                         ("sim", {"throughput": [x for t, _ in sims for x in t],
+                                  "attainment": [x for _, a in sims for x in a]})):
+        for key, xs in values.items():
+            ci = median_ci(xs)
+            nd = 2 if key == "throughput" else 3
+            out |= {f"{side}_{key}": round(ci.median, nd), f"{side}_{key}_ci_low": round(ci.ci_low, nd),
+                    f"{side}_{key}_ci_high": round(ci.ci_high, nd)}
+    out["throughput_rel_error"] = round(abs(out["sim_throughput"] - out["real_throughput"]) / out["real_throughput"], 3)
+    out["attainment_abs_error"] = round(abs(out["sim_attainment"] - out["real_attainment"]), 3)
+    out["real_tokens_per_round"] = round(float(np.median([r["tokens_per_round"] or 0 for r in real_rows])), 2)
+    out["real_ttft_p50_ms"] = round(float(np.median([r["ttft_p50_ms"] for r in real_rows])), 1)
+    return out
 
 
 def main(argv=None) -> int:
@@ -124,7 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--slo", type=float, default=4.0)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--requests", type=int, default=3, help="requests per device, back to back")
-    p.add_argument("--seeds", type=int, default=5, help="simulator seeds per point")
+    p.add_argument("--seeds", type=int, default=5, help="simulator seeds per real run")
+    p.add_argument("--repeats", type=int, default=3, help="real runs per point (each on prompts of its own)")
     p.add_argument("--drafter", default="q4")
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--edge-cpus", default="1")
@@ -142,7 +173,8 @@ def main(argv=None) -> int:
         measure_profile(profile, cpus(args.server_cpus), args.quick_profile)  # the server plans with it too
         lt = SimpleNamespace(drafter=args.drafter, slo=args.slo, tokens=args.tokens, requests=args.requests,
                              rtt=args.rtt, server_threads=1, prompts="public", draft_ahead=False,
-                             server_cpus=args.server_cpus, edge_cpus=args.edge_cpus, profile=profile)
+                             server_cpus=args.server_cpus, edge_cpus=args.edge_cpus, profile=profile,
+                             fresh_prompts=True)
         pin_this_process(cpus(args.edge_cpus))
         rows, context = [], {}
 
@@ -152,10 +184,11 @@ def main(argv=None) -> int:
             from wisp_edge.bench import base_rtt_ms
             with httpx.Client(base_url=server_url) as http:
                 context["http_rtt_ms"] = base_rtt_ms(http, n=30)
-            context["device"] = asdict(measure_device(server_url, args.drafter, prompts, args.rtt))
+            context["device"] = asdict(measure_device(server_url, args.drafter, prompts, args.rtt,
+                                                      context["http_rtt_ms"]))
             context["prompt_tokens"] = [len(x) for x in prompts]
 
-        for r in serve_and_run(lt, "wisp", systems, counts, on_ready=on_ready):
+        for r in serve_and_run(lt, "wisp", systems, counts * args.repeats, on_ready=on_ready):
             rows.append(r)
             print(f"real {r['mode']:>12} {r['devices']:>2} devices: {r['throughput_tok_s']:6.2f} tok/s, "
                   f"attainment {r['slo_attainment']:.2f}", file=sys.stderr, flush=True)
@@ -168,27 +201,26 @@ def main(argv=None) -> int:
                      shared_edge_cores=1, draft_ahead=False, warmup_s=0.0, window_s=0.0, max_sim_s=3600.0,
                      requests_per_device=args.requests,
                      workload=Workload(prompt=Lengths(200, 0.0, 16, 4096), output=Lengths(args.tokens, 0.0, 1, 1 << 20),
-                                       think_s=0.0, stagger_s=0.0, slo_mix=((args.slo, 1.0),),
-                                       replayed_prompts=tuple(real["prompt_tokens"]), name=PROMPT_SET))
-    table = []
+                                       think_s=0.0, stagger_s=0.0, slo_mix=((args.slo, 1.0),), name=PROMPT_SET))
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in real["rows"]:
-        s = sim_row(r["mode"], r["devices"], args, base)
-        rel = abs(s["sim_throughput"] - r["throughput_tok_s"]) / r["throughput_tok_s"]
-        table.append({"system": r["mode"], "devices": r["devices"], "real_throughput": r["throughput_tok_s"], **s,
-                      "throughput_rel_error": round(rel, 3), "real_attainment": r["slo_attainment"],
-                      "attainment_abs_error": round(abs(s["sim_attainment"] - r["slo_attainment"]), 3),
-                      "real_tokens_per_round": r["tokens_per_round"], "real_ttft_p50_ms": r["ttft_p50_ms"]})
-        print(f"{r['mode']:>12} {r['devices']:>2}: throughput real {r['throughput_tok_s']:6.2f} sim "
-              f"{s['sim_throughput']:6.2f} [{s['sim_throughput_ci_low']:.2f}, {s['sim_throughput_ci_high']:.2f}] "
-              f"({rel:+.0%}); attainment real {r['slo_attainment']:.2f} sim {s['sim_attainment']:.2f}", flush=True)
-    write_csv(args.out / "validation.csv", [{k: v for k, v in row.items() if k != "sim_seeds_throughput"}
-                                            for row in table])
+        groups.setdefault((r["mode"], r["devices"]), []).append(r)
+    table = []
+    for (system, devices), rows in groups.items():
+        t = point(system, devices, rows, [sim_runs(r, args, base) for r in rows])
+        table.append(t)
+        print(f"{system:>12} {devices:>2}: throughput real {t['real_throughput']:6.2f} "
+              f"[{t['real_throughput_ci_low']:.2f}, {t['real_throughput_ci_high']:.2f}] sim {t['sim_throughput']:6.2f} "
+              f"[{t['sim_throughput_ci_low']:.2f}, {t['sim_throughput_ci_high']:.2f}] ({t['throughput_rel_error']:.0%}); "
+              f"attainment real {t['real_attainment']:.2f} sim {t['sim_attainment']:.2f}", flush=True)
+    write_csv(args.out / "validation.csv", table)
     summary = {"prompt_set": PROMPT_SET, "workload": f"{args.requests} requests per device, {args.tokens} greedy "
                                                      f"tokens, SLO {args.slo:g} tok/s, RTT {args.rtt:g} ms emulated",
                "max_throughput_rel_error": max(t["throughput_rel_error"] for t in table),
                "max_attainment_abs_error": max(t["attainment_abs_error"] for t in table),
                "aims": {"throughput_rel_error": THROUGHPUT_AIM, "attainment_abs_error": ATTAINMENT_AIM},
-               "http_rtt_ms": real["http_rtt_ms"], "device": real["device"], "seeds": args.seeds, "rows": table}
+               "http_rtt_ms": real["http_rtt_ms"], "device": real["device"], "seeds": args.seeds,
+               "real_repeats": max(t["real_runs"] for t in table), "rows": table}
     summary["within_aims"] = (summary["max_throughput_rel_error"] <= THROUGHPUT_AIM and
                               summary["max_attainment_abs_error"] <= ATTAINMENT_AIM)
     write_json(args.out / "summary.json", summary)
@@ -212,7 +244,10 @@ def plot(table: list[dict], path: Path, args) -> None:
             mid = np.array([t[f"sim_{key}"] for t in rows])
             err = [mid - [t[f"sim_{key}_ci_low"] for t in rows], [t[f"sim_{key}_ci_high"] for t in rows] - mid]
             ax.errorbar(n, mid, yerr=err, color=colour, capsize=3, label=f"{system}: simulator (median, 95% CI)")
-            ax.plot(n, [t[f"real_{key}"] for t in rows], "o", color=colour, label=f"{system}: real load test")
+            real = np.array([t[f"real_{key}"] for t in rows])
+            rerr = [real - [t[f"real_{key}_ci_low"] for t in rows], [t[f"real_{key}_ci_high"] for t in rows] - real]
+            ax.errorbar(n, real, yerr=rerr, fmt="o", color=colour, capsize=3,
+                        label=f"{system}: real load test (median of runs, range)")
     axes[0].set(xlabel="devices", ylabel="tokens/s", title="throughput")
     axes[1].set(xlabel="devices", ylabel=f"share of requests at >= {args.slo:g} tok/s", title="SLO attainment",
                 ylim=(-0.05, 1.05))

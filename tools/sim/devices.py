@@ -35,6 +35,8 @@ class DeviceProfile:
     predictor_ms: float  # the rejection predictor's own time per drafted token
     jitter: float = 0.05  # log-normal sigma of a token's drafting time
     source: str = ""
+    round_cpu_ms: float = 0.0  # the device's own work per round besides drafting (the HTTP client: building
+    # the request, reading the reply); measured for the validation's device, 0 (folded into the RTT) elsewhere
 
 
 DEVICES = {

@@ -145,8 +145,11 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
         drafts ahead during the round trip when the plan says so (sets `ahead_free` for the next block)."""
         nonlocal session, cursor, ahead_free
         drafting_ms = sum(block.times_ms[block.hidden:])
-        if dev.core is not None:
-            yield from dev.compute(env, drafting_ms)
+        if dev.core is not None:  # token by token on the shared core; the engine's timer reads the wall time,
+            for i in range(block.hidden, block.drafted):  # turns waited for included, and so do the policies
+                t = env.now
+                yield from dev.compute(env, block.times_ms[i])
+                block.times_ms[i] = (env.now - t) * 1000.0
             drafting_ms = 0.0
         t0 = env.now + drafting_ms / 1000.0
         while True:  # drafting and the uplink in one timeout: fewer events, same times
@@ -158,6 +161,7 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
             except Refused:
                 reply = {"error": 410}
             yield env.timeout(dev.link.one_way_s(net.VERIFY_DOWN, False, dev.rng))
+            yield from dev.compute(env, dev.profile.round_cpu_ms)
             if "error" not in reply:
                 break
             rec.resumes += 1  # evicted or preempted: reopen with the committed tokens, resend the round

@@ -14,7 +14,8 @@ checks that both decide alike). Only what a simulation must stand in for is here
 - the clock: SimPy's.
 
 A centralized session's next decode step is queued as soon as its step finishes, before the next batch is
-formed (continuous batching), as the service's batch loop queues it (`VerifierService.decode`).
+formed (continuous batching), as the service's batch loop queues it (`VerifierService.decode`); the first
+step, as there, once the prefill's reply has reached the session, after the next batch was planned.
 """
 
 from __future__ import annotations
@@ -209,6 +210,14 @@ class SimServer:
                  "suggested_max_draft": self.dispatch.suggested_max_draft()}
         p.event.succeed(reply)
         if s.mode == "centralized" and not s.closed:
+            if job.kind in ("prefill", "resume"):  # the service's decode() queues the first step itself, once the
+                self.env.process(self._first_step(s, done))  # prefill's reply reaches it: after the next plan
+            else:
+                self._continue_decoding(s, done)
+
+    def _first_step(self, s: SimSession, done: float):
+        yield self.env.timeout(0)
+        if not s.closed:
             self._continue_decoding(s, done)
 
     def _continue_decoding(self, s: SimSession, done: float) -> None:

@@ -46,12 +46,15 @@ class Workload:
     slo_mix: tuple[tuple[float, float], ...] = ((2.0, 0.25), (4.0, 0.25), (6.0, 0.25), (8.0, 0.25))
     bursts: tuple[Burst, ...] = field(default_factory=tuple)
     name: str = "synthetic chat lengths"  # where the lengths come from, named in every results file
-    replayed_prompts: tuple[int, ...] = ()  # a real run's prompt lengths: request k of device i gets entry
-    # (i + k) mod len, as tools/load_test.py hands out its prompts; empty: drawn from `prompt`
+    replayed_prompts: tuple[tuple[int, ...], ...] = ()  # a real run's prompt lengths, per device in request order
+    # (device i mod len, request k mod its count); empty: drawn from `prompt`
 
     def prompt_tokens(self, device: int, k: int, rng: np.random.Generator) -> int:
         drawn = self.prompt.sample(rng)  # drawn even when replayed: the rng stream stays the same
-        return self.replayed_prompts[(device + k) % len(self.replayed_prompts)] if self.replayed_prompts else drawn
+        if not self.replayed_prompts:
+            return drawn
+        mine = self.replayed_prompts[device % len(self.replayed_prompts)]
+        return mine[k % len(mine)]
 
     def with_slo(self, rate: float) -> "Workload":
         return replace(self, slo_mix=((rate, 1.0),))
