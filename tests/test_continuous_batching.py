@@ -11,7 +11,7 @@ import httpx
 
 from tests.live_server import LiveServer, tiny_checkpoint
 
-TOKENS = 48
+TOKENS = 200  # long enough that the streams' staggered starts (a tiny model's step is a millisecond) weigh little
 STREAMS = 3
 
 
@@ -36,6 +36,6 @@ def test_sessions_decoding_together_share_their_forwards(tmp_path):
             t.join()
         batches = httpx.get(f"{server.url}/health").json()["batches_run"] - before
     assert len(counts) == STREAMS and min(counts) >= TOKENS, "every stream got all its tokens (one event each)"
-    # Taking turns would cost one forward per token per session (3 x 48); sharing, about one per step plus
-    # the prefills and the steps before every stream has joined.
-    assert batches <= TOKENS + 2 * STREAMS + 6, f"{batches} forwards for {STREAMS} x {TOKENS} decoded tokens"
+    # Taking turns costs one forward per token per session (3 x 200); sharing, about one per step, plus the
+    # prefills and the steps run before every stream has joined or after the first has ended.
+    assert batches <= 1.5 * TOKENS, f"{batches} forwards for {STREAMS} x {TOKENS} decoded tokens"
