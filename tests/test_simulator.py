@@ -229,3 +229,24 @@ def test_a_fixed_closed_loop_on_one_shared_core_is_the_load_tests_system():
     assert per_token["shared"] > 1.5 * per_token["own"], "shared, the engine's timer also counts the turns waited"
     span = {name: max(r.t_last for r in run.records) for name, run in (("own", own), ("shared", shared))}
     assert span["shared"] > 1.3 * span["own"], "four devices on one core wait for their turns"
+
+
+def test_the_validation_simulates_each_real_run_with_its_own_prompts():
+    """tools/validate.py: one real run's prompts replayed device by device, a few seeds, then medians and
+    errors per point as the summary reports them."""
+    from types import SimpleNamespace
+
+    from tools.validate import point, sim_runs
+
+    detail = [{"device": d, "k": k, "prompt_tokens": 40 + 10 * (2 * d + k)} for d in range(2) for k in range(2)]
+    row = {"mode": "wisp", "devices": 2, "requests_detail": detail, "throughput_tok_s": 20.0, "slo_attainment": 1.0,
+           "tokens_per_round": 2.5, "ttft_p50_ms": 300.0}
+    base = replace(ex.SETUPS["ours"], network="loopback", rtt_ms=21.0, shared_edge_cores=1, requests_per_device=2,
+                   warmup_s=0.0, window_s=0.0, draft_ahead=False,
+                   workload=Workload(prompt=Lengths(64, 0.0, 16, 512), output=Lengths(24, 0.0, 1, 64), think_s=0.0,
+                                     stagger_s=0.0, slo_mix=((4.0, 1.0),)))
+    thr, att = sim_runs(row, SimpleNamespace(seeds=2), base)
+    assert len(thr) == len(att) == 2 and all(t > 0 for t in thr) and all(0.0 <= a <= 1.0 for a in att)
+    p = point("wisp", 2, [row, {**row, "throughput_tok_s": 30.0}], [(thr, att), (thr, att)])
+    assert p["real_throughput"] == 25.0 and p["real_runs"] == 2
+    assert p["throughput_rel_error"] == pytest.approx(abs(p["sim_throughput"] - 25.0) / 25.0, abs=1e-3)
