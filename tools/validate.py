@@ -1,25 +1,26 @@
 """Sim-to-real validation: the real load test and the simulator, describing the same system, side by side.
 
     python tools/validate.py [--devices 1,2,4,6,8] [--systems wisp,centralized] [--rtt 20] [--slo 4]
-                             [--tokens 48] [--requests 3] [--seeds 5] [--out docs/results/validation]
+                             [--tokens 48] [--requests 2] [--repeats 3] [--seeds 5]
+                             [--out docs/results/validation]
 
-The system: the verifier (`wisp-cloud serve --policy wisp --threads 1`) pinned to core 0, N edge devices
-(threads of this process, each with its own Q4_1 llama.cpp drafter on one thread) all pinned to core 1,
-loopback HTTP with `--rtt` ms added to every round trip, N devices x `--requests` requests back to back
-(`--repeats` runs per point, each on prompts of its own),
-the public sets' prompts (MT-Bench + HumanEval; no prompt asked twice in the whole run, or the verifier's
-prefix cache would serve a repeat almost free, which the simulator does not model), `--tokens` greedy tokens
-each at an SLO of `--slo` tok/s, drafting ahead off. Systems: `wisp` (speculative: WISP's controller and scheduler) and `centralized` (the
-same server decoding every token, streamed: the simulator's `centralized_wisp`).
+The system: the verifier (`wisp-cloud serve --policy wisp --threads 1`) pinned to core 0; N edge devices
+(threads of this process, each with its own Q4_1 llama.cpp drafter on one thread) all pinned to core 1;
+loopback HTTP with `--rtt` ms added to every round trip; N devices x `--requests` requests back to back,
+`--repeats` runs per point. Every request asks its own prompt of the public sets (MT-Bench + HumanEval): a
+repeat would be served from the verifier's prefix cache almost free, which the simulator does not model.
+`--tokens` greedy tokens each at an SLO of `--slo` tok/s, drafting ahead off. Systems: `wisp` (WISP's
+controller and scheduler) and `centralized` (the same server decoding every token, streamed: the
+simulator's `centralized_wisp`).
 
-The simulator's setup is built from what this run measures, never from the measured runs' results: the
-estimator profile of the target measured on the verifier's core (`wisp-cloud profile --threads 1`, full
-grid; the server plans with it too), the drafting time per token and the drafter's prefill speed of one
-device alone in the engine on the edge core (two prompts the runs do not use), the loopback round trip of `GET /health` plus `--rtt`, the same prompt lengths in
-the same order, and the shared edge core (`SimConfig.shared_edge_cores=1`: the devices' drafting takes
-turns on one core). The acceptance is the shipped Q4_1 drafter's logged rounds on the public sets. Each real
-run is simulated with `--seeds` seeds; both sides report the median and a 95% interval (stats.median_ci; with
-three real runs, their range).
+The simulator is built from what this run measures, never from the runs it is compared with: the target's
+profile measured on the verifier's core (`wisp-cloud profile --threads 1`, full grid; the server plans with
+it too); one device alone in the engine on the edge core, on two prompts the runs do not use (drafting time
+per token with the controller, the drafter's prefill speed, the HTTP client's work per round); the loopback
+round trip of `GET /health` plus `--rtt`; each run's prompt lengths device by device; and the shared edge
+core (`SimConfig.shared_edge_cores=1`: the devices take turns on one core). The acceptance is the shipped
+Q4_1 drafter's logged rounds on the public sets. Each real run is simulated with `--seeds` seeds; both
+sides report the median and a 95% interval (`tools/sim/stats.median_ci`; with three real runs, their range).
 
 Writes <out>/validation.csv, <out>/validation.png, <out>/summary.json (max_throughput_rel_error,
 max_attainment_abs_error; aims 0.15 and 0.1), <out>/real.json (the load test's rows) and
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--rtt", type=float, default=20.0, help="emulated round trip added to every request, ms")
     p.add_argument("--slo", type=float, default=4.0)
     p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--requests", type=int, default=3, help="requests per device, back to back")
+    p.add_argument("--requests", type=int, default=2, help="requests per device, back to back")
     p.add_argument("--seeds", type=int, default=5, help="simulator seeds per real run")
     p.add_argument("--repeats", type=int, default=3, help="real runs per point (each on prompts of its own)")
     p.add_argument("--drafter", default="q4")
