@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.load_test import cpus, pin_this_process, serve_and_run  # noqa: E402
+from tools.load_test import cpus, serve_and_run  # noqa: E402
 from tools.prompt_sets import NAME as PROMPT_SET  # noqa: E402
 from tools.sim.devices import DeviceProfile  # noqa: E402
 from tools.sim.io import write_csv, write_json  # noqa: E402
@@ -174,8 +174,7 @@ def main(argv=None) -> int:
         lt = SimpleNamespace(drafter=args.drafter, slo=args.slo, tokens=args.tokens, requests=args.requests,
                              rtt=args.rtt, server_threads=1, prompts="public", draft_ahead=False,
                              server_cpus=args.server_cpus, edge_cpus=args.edge_cpus, profile=profile,
-                             fresh_prompts=True)
-        pin_this_process(cpus(args.edge_cpus))
+                             fresh_prompts=True)  # serve_and_run pins this process to the edge cores
         rows, context = [], {}
 
         def on_ready(server_url: str, prompts: list[list[int]]) -> None:

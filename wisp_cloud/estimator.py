@@ -9,7 +9,7 @@ attention cost of new tokens against the whole context, c3 reading the cached KV
 projection of one row (a [hidden x vocab] product: for the shipped target about a fifth of a token's
 FLOPs, so a verify token costs more than a prompt token; without it the held-out error on the full
 profile grid was 13%, with it 7%), c5 the fixed cost of one request in the batch (its block table,
-gather, sampling and verification: on one CPU thread about 14 ms, which made a batch of eight decode steps
+gather, sampling and verification: on one CPU thread about 10 ms, which made a batch of eight decode steps
 take three times one step, not the 1.3 times the token terms give). Because the model is
 a sum over requests, a warm request (long cache, few new tokens) and a cold one (a whole prompt) compare
 on one scale, and a batch's time is the intercept plus each member's own marginal cost; the scheduler

@@ -237,7 +237,7 @@ class VerifierService:
         (tools/validate.py measured 2 devices at 0.9x the tokens/s of one)."""
         session, token, _ = await self._open(prompt_ids, params, slo_rate=slo_rate, mode="centralized")
         queued = 1  # tokens produced or under way
-        following: dict[str, Pending | BaseException] = {}  # the step queued after the current one
+        following: Pending | ApiError | None = None  # the step queued after the current one, or why none could be
 
         def step() -> Pending:
             # No draft: one q per draft token means none (an empty list) when sampling.
@@ -245,13 +245,13 @@ class VerifierService:
             return self.batches.enqueue(session, work, "decode", new_tokens=1, draft_len=0, on_result=on_result)
 
         def on_result(pending: Pending, verdict: Verdict, timing: dict) -> None:
-            nonlocal queued
+            nonlocal queued, following
             queued += 1
             if queued < max_tokens and verdict.token not in self.eos_ids and not session.closed:
                 try:
-                    following["next"] = step()
+                    following = step()
                 except ApiError as exc:  # heard by the consumer after this step's token
-                    following["next"] = exc
+                    following = exc
             if not pending.future.done():
                 pending.future.set_result((verdict, timing))
 
@@ -263,11 +263,11 @@ class VerifierService:
                 pending = step()
             while pending is not None:
                 verdict, _ = await pending.future
-                nxt = following.pop("next", None)
+                nxt, following = following, None
                 pending = nxt if isinstance(nxt, Pending) else None
                 self.metrics.generated.labels("centralized").inc()
                 yield verdict.token
-                if isinstance(nxt, BaseException):
+                if isinstance(nxt, ApiError):
                     raise nxt
         finally:  # a step still queued is withdrawn here; one in a running batch finishes and queues no more
             self._close(session)
