@@ -1,7 +1,8 @@
 """The fast controller computes the same numbers as a straightforward float64 reference.
 
-`distribution_stats` (buffers reused per thread, the exp done by llama.cpp's SIMD kernel when it is
-installed, else by numpy) against softmax statistics computed the obvious way in
+`distribution_stats` on each of its three paths (the package's compiled kernel, built at install when a C
+compiler is present; numpy with llama.cpp's SIMD kernels; numpy alone) against softmax statistics computed
+the obvious way in
 float64, on random logits of several shapes and scales, on edge cases (ties, a gap past the cap, two
 logits) and on real drafter logits; and the per-token MLP (standardisation and biases folded into the
 weights) and the policy's own feature rows against the batch path `tools/train_predictor.py` evaluates
@@ -17,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from wisp_edge.controller.features import (MAX_LOGIT_GAP, DistributionStats, distribution_stats, ggml_softmax,
-                                           top1_prob)
-from wisp_edge.controller.predictor import PREDICTOR_DIR, RejectionPredictor
+import shutil
+
+from wisp_edge.controller.features import (MAX_LOGIT_GAP, DistributionStats, compiled_kernels, distribution_stats,
+                                           ggml_softmax, top1_prob)
+from wisp_edge.controller.predictor import PREDICTOR_DIR, RejectionPredictor, Scorer
 
 TOL = dict(top1=1e-6, entropy=2e-4, margin=1e-6, gap=1e-4, std_rel=1e-4)
 
@@ -55,15 +58,42 @@ def random_rows(rng: np.random.Generator, vocab: int) -> list[np.ndarray]:
     return [r.astype(np.float32) for r in rows]
 
 
-@pytest.fixture(params=["ggml", "numpy"])
+@pytest.fixture(params=["compiled", "ggml", "numpy"])
 def stats_of(request):
-    """The product's `distribution_stats` (ggml when available) and the numpy-only path."""
-    if request.param == "ggml":
-        if ggml_softmax() is None:
-            pytest.skip("llama-cpp-python is not installed: the numpy path is the product path")
-        return distribution_stats
+    """Each of `DistributionStats`'s paths, forced."""
+    if request.param == "compiled" and compiled_kernels() is None:
+        pytest.skip("the compiled kernels were not built (no C compiler at install)")
+    if request.param == "ggml" and ggml_softmax() is None:
+        pytest.skip("llama-cpp-python is not installed")
+    options = {"compiled": {}, "ggml": dict(use_compiled=False), "numpy": dict(use_compiled=False, use_ggml=False)}
     cache: dict[int, DistributionStats] = {}
-    return lambda logits: cache.setdefault(logits.shape[0], DistributionStats(logits.shape[0], use_ggml=False))(logits)
+    return lambda logits: cache.setdefault(logits.shape[0], DistributionStats(logits.shape[0],
+                                                                             **options[request.param]))(logits)
+
+
+def test_the_compiled_kernels_are_built_where_a_compiler_is():
+    """The build is optional, so a broken build would pass silently: where the install had a C compiler
+    (every machine that builds llama-cpp-python), the kernels must be there."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the numpy paths are the product's")
+    kernels = compiled_kernels()
+    assert kernels is not None, "pip install -e . should have built wisp_edge/controller/_kernels.c"
+    assert kernels.LANES in ("4", "8")
+
+
+def test_the_compiled_mlp_scores_like_numpy():
+    """The compiled MLP against the numpy one, on random rows through the shipped weights."""
+    weights = PREDICTOR_DIR / "q4.npz"
+    if compiled_kernels() is None or not weights.exists():
+        pytest.skip("no compiled kernels or no shipped predictor")
+    predictor = RejectionPredictor.load(weights)
+    fast, slow = Scorer(predictor), Scorer(predictor, use_compiled=False)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        row = rng.normal(0, 2, 7).astype(np.float32)
+        fast.set_row(*row.tolist())
+        slow.set_row(*row.tolist())
+        assert fast.score() == pytest.approx(slow.score(), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("vocab", [2, 7, 1000, 49152])
@@ -148,3 +178,28 @@ def test_policy_builds_the_rows_the_batch_path_reads(name):
     policy = PredictorPolicy(predictor, k_max=8)
     stops = [policy.stop_after_stats(int(row[5]), tuple(float(v) for v in row[:5])) for row in x]
     assert np.array_equal(np.array(stops), predictor.p_reject_batch(x) >= predictor.tau)
+
+
+@pytest.mark.parametrize("name", ["q4", "student"])
+def test_the_fused_compiled_rule_scores_like_the_numpy_rule(name, real_rows):
+    """`PredictorPolicy.stop_after` through the one compiled call (`stop_score`) against the same policy forced
+    onto numpy: the same feature row (BlockFeatures' order, running log top-1 included), scores within 1e-4
+    and the same decisions, on real drafter rows and on random rows, over blocks of 8."""
+    from wisp_edge.controller.predictor import PredictorPolicy
+
+    weights = PREDICTOR_DIR / f"{name}.npz"
+    if compiled_kernels() is None or not weights.exists():
+        pytest.skip("no compiled kernels or no shipped predictor")
+    predictor = RejectionPredictor.load(weights)
+    fast, slow = PredictorPolicy(predictor, k_max=8), PredictorPolicy(predictor, k_max=8)
+    assert fast._scorer.stop_score is not None
+    slow._scorer = Scorer(predictor, use_compiled=False)
+    rows = list(real_rows) + random_rows(np.random.default_rng(11), 49152)
+    for i, row in enumerate(rows * 2):
+        index = i % 8
+        decision = fast.stop_after(index, row, None)
+        fast_row = fast._scorer.x[:-1].copy()
+        slow._stats = DistributionStats(row.shape[0], use_compiled=False, use_ggml=False)
+        assert decision == slow.stop_after(index, row, None)
+        np.testing.assert_allclose(fast_row, slow._scorer.x[:-1], rtol=1e-4, atol=2e-4)
+        assert fast._scorer.score() == pytest.approx(slow._scorer.score(), abs=1e-4)

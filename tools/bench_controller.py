@@ -6,10 +6,10 @@
 For each drafter it drafts greedily along a few chat prompts and, for every drafted token, times the
 drafting (`drafter.logits()`, one token evaluated, then the greedy argmax) and then one thing, rotating
 among the stop rules and the parts of the product's: `new` (the product's `PredictorPolicy.stop_after`,
-with llama.cpp's SIMD kernels when installed), `numpy` (the product's numpy-only path, for a device
-without llama.cpp), `previous` (the code before this change, kept here only), and the parts of `new`:
-`features` (`DistributionStats` alone), `exp_pass` (the one exp-and-sum kernel call over the vocabulary
-inside it) and `mlp` (the decision from a fixed feature row: the MLP and its bookkeeping). "In engine
+through the package's compiled kernels), `ggml` (the same rule in numpy with llama.cpp's SIMD kernels,
+the product's path when the install had no C compiler), `numpy` (numpy alone, for a device without
+llama.cpp), and the parts of `new`: `features` (`DistributionStats` alone) and `mlp` (the decision from a
+fixed feature row: the MLP and its bookkeeping). "In engine
 order" times it right after the drafting (its code and buffers gone cold while the drafter evaluated);
 "warm" times each rule alone in a loop over the same logits. Then the drafting critical path as the
 engine runs it (`wisp_edge.drafting.Drafting.next`), in segments of 16 tokens rotating among: no stop
@@ -18,7 +18,7 @@ while the drafter evaluates the next token (`overlap` on, the engine's `overlap_
 the wall time beyond the drafter's own evaluation (its calls timed in whichever thread ran them) and
 that evaluation's time. The controller's cost on the critical path is the first minus the no-rule
 segments' (`controller_ms`); the evaluation's time is printed beside it, since running concurrently can
-slow it. It also reports how far the new features are from the previous ones, whether every stop
+slow it. It also reports how far the compiled features are from numpy's, whether every stop
 decision agreed, and, on the held-out rounds of the shipped traces, the predictor's miss rate at the
 first rejection and recall of acceptable tokens through the batch path (what tools/train_predictor.py
 evaluates) and through the per-token path. Last, the drafter's prefill on each turn of a short chat
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
 import platform
 import statistics
@@ -44,11 +43,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wisp_edge.controller.features import (MAX_LOGIT_GAP, BlockFeatures, DistributionStats,  # noqa: E402
-                                           data_address, distribution_stats, ggml_softmax)
+from wisp_edge.controller.features import (BlockFeatures, DistributionStats, compiled_kernels,  # noqa: E402
+                                           distribution_stats, ggml_softmax)
 from wisp_edge.drafting import Drafting  # noqa: E402
 from wisp_edge.engine import FixedLength  # noqa: E402
-from wisp_edge.controller.predictor import PredictorPolicy, RejectionPredictor, load_predictor_for  # noqa: E402
+from wisp_edge.controller.predictor import (PredictorPolicy, RejectionPredictor, Scorer,  # noqa: E402
+                                            load_predictor_for)
 from wisp_edge.drafters import load_drafter  # noqa: E402
 from wisp_edge.wire.sampling import SamplingParams  # noqa: E402
 
@@ -57,60 +57,13 @@ PROMPTS = ["Write a haiku about the sea.", "Explain what a hash table is in two 
 TRACES = ROOT / "models" / "traces"
 
 
-class PreviousStats:
-    """The features as the code before this change computed them: the logits shifted by their maximum into
-    one buffer, the exponentials into a second, the entropy from both, the std about the mean through a
-    third (a buffer of ones) and the second again: eight passes over the vocabulary, three scratch buffers."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.z, self.e, self.ones = n, np.empty(n, np.float32), np.empty(n, np.float32), np.ones(n, np.float32)
-        self.softmax = ggml_softmax()
-
-    def __call__(self, logits: np.ndarray) -> tuple[float, float, float, float, float]:
-        top = int(np.argmax(logits))
-        np.subtract(logits, logits[top], out=self.z, casting="same_kind")
-        if self.softmax is not None:
-            total = self.softmax(self.n, self.e.ctypes.data, self.z.ctypes.data, 0.0)
-        else:
-            np.exp(self.z, out=self.e)
-            total = float(self.e.sum())
-        entropy = math.log(total) - float(np.dot(self.e, self.z)) / total
-        self.e[top] = 0.0
-        second = float(self.e[np.argmax(self.e)])
-        top1 = 1.0 / total
-        gap = min(-math.log(second), MAX_LOGIT_GAP) if second > 0.0 else MAX_LOGIT_GAP
-        mean = float(np.dot(logits, self.ones)) / self.n
-        np.subtract(logits, mean, out=self.e, casting="same_kind")
-        return top1, max(entropy, 0.0), top1 - second / total, gap, math.sqrt(float(np.dot(self.e, self.e)) / self.n)
-
-
-class PreviousRule:
-    """The stop rule before this change: the previous features through per-thread buffers, the row written
-    into the MLP's input as a tuple, five numpy calls (biases folded in as weight rows) and a sigmoid."""
-
-    def __init__(self, predictor: RejectionPredictor, n: int) -> None:
-        self.predictor, self.stats, self.log_top1 = predictor, PreviousStats(n), 0.0
-        self.w0, self.w1, self.w2 = predictor._w0, predictor._w1, predictor._w2
-        self.x, self.h1, self.h2 = (np.ones(w.shape[0], np.float32) for w in (self.w0, self.w1, self.w2))
-
-    def stop_after(self, index: int, logits: np.ndarray, q) -> bool:
-        top1, entropy, margin, gap, std = self.stats(logits)
-        self.log_top1 = (0.0 if index == 0 else self.log_top1) + math.log(max(top1, 1e-12))
-        self.x[:-1] = top1, entropy, margin, gap, std, index, self.log_top1
-        np.dot(self.x, self.w0, out=self.h1[:-1])
-        np.maximum(self.h1, 0.0, out=self.h1)
-        np.dot(self.h1, self.w1, out=self.h2[:-1])
-        np.maximum(self.h2, 0.0, out=self.h2)
-        return 0.5 * (1.0 + math.tanh(0.5 * float(np.dot(self.h2, self.w2)))) >= self.predictor.tau
-
-
-class NumpyRule(PredictorPolicy):
-    """The product's stop rule with the numpy exp (no llama.cpp kernel)."""
-
-    def stop_after(self, index: int, logits: np.ndarray, q) -> bool:
-        if not hasattr(self, "_numpy_stats"):
-            self._numpy_stats = DistributionStats(logits.shape[0], use_ggml=False)
-        return self.stop_after_stats(index, self._numpy_stats(logits))
+def rule_on_path(predictor: RejectionPredictor, n: int, *, compiled: bool, ggml: bool) -> PredictorPolicy:
+    """The product's stop rule forced onto one path: the compiled kernels (`new`), numpy with llama.cpp's SIMD
+    kernels (`ggml`, the product before the compiled kernels), or numpy alone (`numpy`)."""
+    rule = PredictorPolicy(predictor, k_max=8)
+    rule._stats = DistributionStats(n, use_compiled=compiled, use_ggml=ggml)
+    rule._scorer = Scorer(predictor, use_compiled=compiled)
+    return rule
 
 
 class TimedDrafter:
@@ -132,16 +85,9 @@ class TimedDrafter:
 
 def product_parts(predictor: RejectionPredictor, n: int) -> dict:
     """The parts of the product's stop rule, each with its own buffers, as callables (index, logits, q)."""
-    stats, exp_out, policy = DistributionStats(n), np.empty(n, np.float32), PredictorPolicy(predictor, k_max=8)
-    kernel, exp_address, row = ggml_softmax(), exp_out.ctypes.data, (0.3, 2.0, 0.1, 0.5, 3.5)  # a doubtful token
-
-    def exp_pass(index: int, logits: np.ndarray, q) -> None:
-        if kernel is not None:
-            kernel(n, exp_address, data_address(logits), float(logits[0]))
-        else:
-            np.exp(logits, out=exp_out)
-
-    return {"features": lambda index, logits, q: stats(logits), "exp_pass": exp_pass,
+    stats, policy = DistributionStats(n), PredictorPolicy(predictor, k_max=8)
+    row = (0.3, 2.0, 0.1, 0.5, 3.5)  # a doubtful token
+    return {"features": lambda index, logits, q: stats(logits),
             "mlp": lambda index, logits, q: policy.stop_after_stats(index, row)}
 
 
@@ -255,9 +201,11 @@ def bench_drafter(spec: str, tokens: int, threads: int, segments: int) -> dict:
     predictor = load_predictor_for(drafter)
     if predictor is None:
         raise SystemExit(f"no predictor weights for {spec} in models/predictor: run tools/train_predictor.py")
-    rules = {"new": PredictorPolicy(predictor, k_max=8), "numpy": NumpyRule(predictor, k_max=8),
-             "previous": PreviousRule(predictor, drafter.vocab_size)}
-    previous_stats = PreviousStats(drafter.vocab_size)
+    n = drafter.vocab_size
+    rules = {"new": PredictorPolicy(predictor, k_max=8),
+             "ggml": rule_on_path(predictor, n, compiled=False, ggml=True),
+             "numpy": rule_on_path(predictor, n, compiled=False, ggml=False)}
+    numpy_stats = DistributionStats(n, use_compiled=False, use_ggml=False)
     parts = product_parts(predictor, drafter.vocab_size)
     timed = {**{name: rule.stop_after for name, rule in rules.items()}, **parts}
     in_engine: dict[str, list[int]] = {name: [] for name in ("drafting", *timed)}
@@ -281,7 +229,7 @@ def bench_drafter(spec: str, tokens: int, threads: int, segments: int) -> dict:
             decisions = {decision if name == first else rule.stop_after(i % 8, logits, q)
                          for name, rule in rules.items()}
             differ += len(decisions) > 1
-            worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), previous_stats(logits))))
+            worst = np.maximum(worst, np.abs(np.subtract(distribution_stats(logits), numpy_stats(logits))))
             rows.append(logits)
             drafter.append(token)
     path = critical_path(drafter, predictor, segments)
@@ -299,7 +247,7 @@ def bench_drafter(spec: str, tokens: int, threads: int, segments: int) -> dict:
             "controller_per_token_warm": {name: percentiles(t) for name, t in warm.items()},
             "decisions_differ": differ,
             "critical_path_per_token": path,
-            "max_abs_feature_diff_new_vs_previous": dict(zip(names, (float(f"{w:.3g}") for w in worst))),
+            "max_abs_feature_diff_new_vs_numpy": dict(zip(names, (float(f"{w:.3g}") for w in worst))),
             "heldout": heldout_report(spec, predictor), "chat_prefill_per_turn": turns}
 
 
@@ -314,25 +262,28 @@ def main() -> None:
     report = {"command": "python tools/bench_controller.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"load average {os.getloadavg()[0]:.1f} at start",
-              "exp_kernel": "ggml_vec_soft_max_f32" if ggml_softmax() else "numpy", "drafters": []}
-    print(f"{'drafter':10s} {'drafting':>9s} | controller, in engine order: {'new':>7s} {'numpy':>7s} {'prev':>7s} "
-          f"| warm, in a loop: {'new':>7s} {'numpy':>7s} {'prev':>7s}   (ms per drafted token, medians)")
+              "compiled_kernels": f"{compiled_kernels().LANES} lanes" if compiled_kernels() else None,
+              "ggml_kernels": bool(ggml_softmax()), "drafters": []}
+    if compiled_kernels() is None:
+        raise SystemExit("the compiled kernels are not built: pip install -e . with a C compiler present")
+    print(f"{'drafter':10s} {'drafting':>9s} | controller, in engine order: {'new':>7s} {'ggml':>7s} {'numpy':>7s} "
+          f"| warm, in a loop: {'new':>7s} {'ggml':>7s} {'numpy':>7s}   (ms per drafted token, medians)")
     for spec in args.drafters.split(","):
         row = bench_drafter(spec, args.tokens, args.threads, args.segments)
         report["drafters"].append(row)
         c, w = row["controller_per_token"], row["controller_per_token_warm"]
         print(f"{spec:10s} {row['drafting_per_token']['median_ms']:9.3f} | {'':28s} {c['new']['median_ms']:7.4f} "
-              f"{c['numpy']['median_ms']:7.4f} {c['previous']['median_ms']:7.4f} | {'':16s} "
-              f"{w['new']['median_ms']:7.4f} {w['numpy']['median_ms']:7.4f} {w['previous']['median_ms']:7.4f}")
-        print(f"{'':10s} parts of new, in engine order: features {c['features']['median_ms']:.4f} (of which the exp "
-              f"pass {c['exp_pass']['median_ms']:.4f}), decision from a feature row (MLP) {c['mlp']['median_ms']:.4f}")
+              f"{c['ggml']['median_ms']:7.4f} {c['numpy']['median_ms']:7.4f} | {'':16s} "
+              f"{w['new']['median_ms']:7.4f} {w['ggml']['median_ms']:7.4f} {w['numpy']['median_ms']:7.4f}")
+        print(f"{'':10s} new, mean in engine order {c['new']['mean_ms']:.4f} ms; its parts: features "
+              f"{c['features']['median_ms']:.4f}, decision from a feature row (MLP) {c['mlp']['median_ms']:.4f}")
         p = row["critical_path_per_token"]
         print(f"{'':10s} critical path (Drafting.next), ms per token: " + "; ".join(
             f"{m}: eval {p[m]['eval_ms']:.3f}, beyond eval {p[m]['beyond_eval_ms']:.4f}"
             + (f", controller {p[m]['controller_ms']:+.4f}" if "controller_ms" in p[m] else "")
             for m in ("no_rule", "predictor_after_drafting", "predictor_overlapped")))
         print(f"{'':10s} decisions differ on {row['decisions_differ']}/{row['drafted_tokens']} tokens; "
-              f"max |new - previous| per feature: {row['max_abs_feature_diff_new_vs_previous']}")
+              f"max |new - numpy| per feature: {row['max_abs_feature_diff_new_vs_numpy']}")
         if row["heldout"]:
             h = row["heldout"]
             print(f"{'':10s} held-out ({h['rows']} rows): batch path {h['batch_path']}, per-token path "

@@ -17,17 +17,19 @@ import math
 import struct
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
-from wisp_edge.controller.features import (FEATURE_NAMES, N_FEATURES, DistributionStats, distribution_stats,
-                                          top1_prob)
+from wisp_edge.controller.features import (FEATURE_NAMES, N_FEATURES, DistributionStats, compiled_kernels,
+                                          data_address, distribution_stats, top1_prob)
 from wisp_edge.drafters import MODELS_DIR
 from wisp_edge.wire.protocol import VerifyReply
 
 PREDICTOR_DIR = MODELS_DIR / "predictor"
+_F32 = np.dtype(np.float32)
+_ONE_FLOAT32 = (4,)  # the strides of a contiguous float32 row
 
 
 @dataclass
@@ -107,11 +109,12 @@ class RejectionPredictor:
 
 
 class Scorer:
-    """One row through `RejectionPredictor`'s MLP: five numpy calls into buffers it owns, no allocation."""
+    """One row through `RejectionPredictor`'s MLP: one call of the compiled kernel when the install built it,
+    else five numpy calls into buffers it owns; no allocation either way."""
 
     _pack = struct.Struct(f"{N_FEATURES}f").pack_into
 
-    def __init__(self, predictor: RejectionPredictor) -> None:
+    def __init__(self, predictor: RejectionPredictor, *, use_compiled: bool = True) -> None:
         self.w0, self.w1 = predictor._w0, predictor._w1
         self.w2 = predictor._w2[:, None].copy()  # [h2 + 1, 1]: the last layer a matrix product too
         self.x = np.ones(self.w0.shape[0], np.float32)  # [f + 1]: write the features into x[:-1]
@@ -120,6 +123,16 @@ class Scorer:
         self.out = np.empty(1, np.float32)
         self._h1, self._h2 = self.h1[:-1], self.h2[:-1]
         self._x_bytes = memoryview(self.x).cast("B")
+        kernels = compiled_kernels() if use_compiled else None
+        if kernels is not None:  # the arrays above live as long as this scorer, so their addresses stay valid
+            arrays = (self.w0, self.w1, self.w2, self.x)
+            assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+            self._mlp3, self._mlp3_args = kernels.mlp3, (*(a.ctypes.data for a in arrays), self.w0.shape[0] - 1,
+                                                         self.w0.shape[1], self.w1.shape[1])
+            # The whole rule in one call: statistics, feature row (written into x) and score.
+            self.stop_score = partial(kernels.stop_score, *self._mlp3_args) if self.w0.shape[0] == 8 else None
+        else:
+            self._mlp3 = self.stop_score = None
 
     def set_row(self, *features: float) -> None:
         """Write one feature row (N_FEATURES numbers) into `x[:-1]`, as float32, without a numpy call."""
@@ -127,6 +140,8 @@ class Scorer:
 
     def score(self) -> float:
         """The pre-sigmoid score for the features in `x[:-1]`."""
+        if self._mlp3 is not None:
+            return self._mlp3(*self._mlp3_args)
         np.dot(self.x, self.w0, out=self._h1)
         np.maximum(self.h1, 0.0, out=self.h1)
         np.dot(self.h1, self.w1, out=self._h2)
@@ -213,6 +228,10 @@ class PredictorPolicy(_NoFeedback):
         return self.k_max
 
     def stop_after(self, index: int, logits: np.ndarray, q: np.ndarray | None) -> bool:
+        fused = self._scorer.stop_score
+        if fused is not None and logits.dtype is _F32 and logits.strides == _ONE_FLOAT32 and logits.shape[0] >= 2:
+            score, self._log_top1 = fused(data_address(logits), logits.shape[0], index, self._log_top1)
+            return self._stops(score)
         stats = self._stats
         if stats is None or stats.n != logits.shape[0]:
             assert logits.ndim == 1 and logits.shape[0] >= 2, f"expected one row of >= 2 logits, got {logits.shape}"
@@ -228,11 +247,15 @@ class PredictorPolicy(_NoFeedback):
         self._log_top1 = (0.0 if index == 0 else self._log_top1) + math.log(max(top1, 1e-12))
         scorer = self._scorer
         scorer.set_row(top1, entropy, margin, gap, std, index, self._log_top1)  # as BlockFeatures' row
+        return self._stops(scorer.score())
+
+    def _stops(self, score: float) -> bool:
+        """Whether the MLP's pre-sigmoid score reaches tau (raised by `min_worthwhile`)."""
         tau = max(self._tau, 1.0 - self.min_worthwhile)
         if tau != self._threshold[0]:
             self._threshold = (tau, score_threshold(tau))
         threshold = self._threshold[1]
-        return scorer.p_reject() >= tau if threshold is None else scorer.score() >= threshold
+        return 0.5 * (1.0 + math.tanh(0.5 * score)) >= tau if threshold is None else score >= threshold
 
 
 @dataclass
