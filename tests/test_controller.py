@@ -123,6 +123,15 @@ def test_policies_stop_where_they_should():
     assert not ConfidencePolicy(0.5, min_worthwhile=0.2).stop_after(0, unsure, NO_Q)
     assert not PredictorPolicy(confidence_predictor(), min_worthwhile=0.01).stop_after(0, unsure, NO_Q)
     assert not EntropyPolicy(lam=0.5, min_worthwhile=0.2).stop_after(0, flat, NO_Q)
+    # ... but only while the block is likely to be committed through the token: a doubtful token after
+    # doubtful ones has a small chance (the product of the block's acceptance estimates) and ends it.
+    for policy in (ConfidencePolicy(0.5, min_worthwhile=0.2), EntropyPolicy(lam=0.5, min_worthwhile=0.1)):
+        row = unsure if isinstance(policy, ConfidencePolicy) else flat  # acceptance estimate ~0.3 / 0.26
+        assert [policy.stop_after(i, row, NO_Q) for i in range(3)] == [False, True, True]
+        assert not policy.stop_after(0, row, NO_Q), "a new block starts from certainty again"
+    predictor = PredictorPolicy(confidence_predictor(), min_worthwhile=0.2)  # top-1 0.45: P(reject) 0.73
+    assert [predictor.stop_after(i, peaked(0.45), NO_Q) for i in range(3)] == [False, True, True]
+    assert [predictor.stop_after(i, peaked(0.6), NO_Q) for i in range(4)] == [False] * 4  # not doubtful: go on
 
 
 class FileDrafter:

@@ -17,14 +17,17 @@ from wisp_cloud.estimator import (
     make_metadata,
     split,
 )
+from wisp_cloud.attention_rows import LayoutTally, padded_layout
 from wisp_cloud.scheduler import VerifyJob
 
-TRUE = (4.0, 0.03, 1e-5, 3e-4, 0.05, 0.4)  # ms: launch, per new token, per new token x length, per cached token,
-# per row of logits, per request
+TRUE = (4.0, 0.03, 1e-5, 3e-4, 0.05, 0.4, 2e-7, 2e-4, 0.3)  # ms: launch, per new token, per new token x length,
+# per cached token, per row of logits, per request, per padded score, per gathered key, per small-batch token
 
 
 def random_batch(rng: np.random.Generator) -> list[VerifyCost]:
     """A mix of warm blocks (few new tokens, long cache) and cold prompts (many new tokens, little cache)."""
+    if rng.random() < 0.15:  # one or two decode steps: batches below the small-batch term's 8 tokens
+        return [VerifyCost(1, int(rng.integers(50, 4000))) for _ in range(int(rng.integers(1, 3)))]
     batch = []
     for _ in range(int(rng.integers(1, 33))):
         if rng.random() < 0.8:
@@ -55,18 +58,54 @@ def test_verify_cost_derives_length_and_rows_and_rejects_nonsense():
 
 def test_features_by_hand():
     batch = [VerifyCost(2, 10), VerifyCost(100, 0, 1)]
-    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0, 3.0, 2.0)
+    # layout: chunk 100 (rows * (chunk + 16) = 232, less than 240 at 64 or 32), one row each, 100 keys
+    assert batch_features(batch) == (1.0, 102.0, 2 * 12 + 100 * 100, 10.0, 3.0, 2.0, 2 * 100 * 100, 2 * 100, 8.0)
+    assert padded_layout([3, 1000], [500, 24]) == (9, 128, 1024)  # 1 + 8 rows of 128: 1,296 against 1,360 at 256
 
 
-def test_predict_is_the_additive_model():
+def test_the_estimator_prices_the_layout_the_forward_builds():
+    """`attention_rows.padded_layout` against `paged_attention.plan` on random ragged batches: same rows,
+    same chunk, and the plan's keys are the layout's rounded up to whole KV blocks."""
+    import torch
+
+    from wisp_cloud.model.paged_attention import plan
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        news = [int(rng.choice([1, 4, 9, 40, 300])) for _ in range(int(rng.integers(1, 12)))]
+        cached = [int(rng.integers(0, 700)) for _ in news]
+        tables = [list(range(-(-(c + n) // 16))) for c, n in zip(cached, news)]
+        layout = plan(cached, news, tables, 16, 1, torch.float32, torch.device("cpu"))
+        rows, chunk, keys = padded_layout(news, cached)
+        assert (rows, chunk) == (layout.block_table.shape[0], layout.chunk)
+        assert layout.mask.shape[-1] == -(-keys // 16) * 16
+
+
+def test_predict_is_the_model():
     est = TimeEstimator(TRUE)
     batch = [VerifyCost(3, 500), VerifyCost(1000, 24, 1)]
-    expected = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524 + 0.05 * 4 + 0.4 * 2
-    assert est.predict(batch) == pytest.approx(expected)
-    # a batch is the intercept plus each member's marginal cost: the scheduler prices batches this way
-    assert est.predict(batch) == pytest.approx(est.c0 + sum(est.request_cost_ms(r) for r in batch))
+    own = 4.0 + 0.03 * 1003 + 1e-5 * (3 * 503 + 1000 * 1024) + 3e-4 * 524 + 0.05 * 4 + 0.4 * 2
+    layout = 2e-7 * 9 * 128 * 1024 + 2e-4 * 9 * 1024 + 0.3 * 8  # 9 rows of 128 queries over 1,024 keys
+    assert est.predict(batch) == pytest.approx(own + layout)
+    # the intercept, each member's own cost, and the batch's layout terms
+    assert est.predict(batch) == pytest.approx(est.c0 + sum(est.request_cost_ms(r) for r in batch) + layout)
     assert est.predict_one(batch[0]) == pytest.approx(est.predict([batch[0]]))
     assert est.predict([]) == 0.0
+
+
+def test_a_batch_priced_member_by_member_costs_what_it_costs_whole():
+    """What an incremental batch builder adds up (the intercept, each member's own cost, the layout kept in a
+    `LayoutTally`) equals the prediction for the whole batch, whatever the order."""
+    est = TimeEstimator(TRUE)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        batch = random_batch(rng)
+        tally, own = LayoutTally(), est.c0
+        for r in batch:
+            own += est.request_cost_ms(r)
+            tally.add(r.new_tokens, r.total_len)
+        assert est.predict_raw(batch) == pytest.approx(own + est.layout_ms(*tally.layout(),
+                                                                           sum(r.new_tokens for r in batch)))
 
 
 def test_fit_recovers_coefficients_and_holds_out_well():
@@ -79,8 +118,11 @@ def test_fit_recovers_coefficients_and_holds_out_well():
     mean_ms = np.mean([ms for _, ms in samples])
     assert report.mae_ms < 0.03 * mean_ms  # noise is 2% of each time
     for got, want, name in zip(est.coefficients, TRUE, FEATURE_NAMES):
+        if name == "per_padded_score_ms":
+            continue  # with a prompt in the batch, its rows x chunk x keys is nearly its n x L: 2% noise decides
         # rows of logits and requests are partly collinear (a warm request's rows come with the request)
-        assert got == pytest.approx(want, rel=0.25 if name in ("per_logit_row_ms", "per_request_ms") else 0.1), name
+        loose = ("per_logit_row_ms", "per_request_ms", "per_gathered_key_ms", "per_small_batch_token_ms")
+        assert got == pytest.approx(want, rel=0.25 if name in loose else 0.1), name
     assert est.metadata["holdout"]["r2"] == report.r2 and est.metadata["fit"]["n"] == 140
 
 
@@ -106,7 +148,7 @@ def test_relative_fit_beats_absolute_under_proportional_noise():
 
 def test_coefficients_stay_non_negative_when_data_pulls_one_negative():
     # Times that fall with the cached prefix: unconstrained least squares would price cached tokens below zero.
-    pulling = (6.0, 0.03, 2e-6, -4e-4, 0.01, 0.2)
+    pulling = (6.0, 0.03, 2e-6, -4e-4, 0.01, 0.2, 0.0, 0.0, 0.0)
     samples = [(b, max(ms, 0.5)) for b, ms in synthetic(120, coefficients=pulling, noise=0.01, seed=3)]
     X = np.array([batch_features(b) for b, _ in samples])
     y = np.array([ms for _, ms in samples])
@@ -128,7 +170,7 @@ def test_margin_scales_and_adds_but_accuracy_ignores_it():
     est.margin = Margin(scale=1.1, extra_ms=2.0)
     assert est.version > version  # cached costs elsewhere must be redone
     assert est.predict(batch) == pytest.approx(raw * 1.1 + 2.0)
-    assert est.predict_one(batch[0]) == pytest.approx((est.c0 + est.request_cost_ms(batch[0])) * 1.1 + 2.0)
+    assert est.predict_one(batch[0]) == pytest.approx(est.predict_raw([batch[0]]) * 1.1 + 2.0)
     assert est.evaluate(samples).mape_pct < 1e-9  # the margin is a deliberate bias, not a fit error
     with pytest.raises(ValueError):
         Margin(scale=0.0)
@@ -184,7 +226,8 @@ def test_a_profile_of_the_older_format_loads_without_logit_rows(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     est = TimeEstimator.load(path)
-    assert est.coefficients == (*TRUE[:4], 0.0, 0.0) and est.read_format == "wisp-estimator/1"
+    assert est.coefficients == (*TRUE[:4], *(0.0,) * (len(FEATURE_NAMES) - 4))
+    assert est.read_format == "wisp-estimator/1"
     assert est.profile[0][0] == [VerifyCost(3, 40), VerifyCost(9, 0)]
     assert est.predict([VerifyCost(3, 40)]) == pytest.approx(4.0 + 0.03 * 3 + 1e-5 * 3 * 43 + 3e-4 * 40)
     est.save(path)

@@ -474,3 +474,19 @@ def test_whoever_must_start_before_the_next_decision_is_urgent():
     sched.submit(job(job_id="soon", deadline=0.100, new=400, cached=0))  # S ~ 0.08 s: inside the last batch's time
     batch = sched.form_batch(0.0, BIG, BIG)
     assert ids(batch)[0] == "soon" and sched.demoted_total == 0
+
+
+def test_the_batch_a_layout_pricing_estimator_plans_is_priced_as_a_whole():
+    """With the layout terms priced (a long prompt pads every row of its batch to its context and changes its
+    chunk), the scheduler's incremental pricing of the batch it forms equals the estimator's price of that
+    batch as a whole."""
+    est = TimeEstimator((*COEFFS, 0.2, 2e-4, 5e-3, 0.5))  # + per request, padded score, gathered key, small batch
+    for prompt in (None, 300, 1500):
+        sched = WispScheduler(est)
+        for i in range(12):
+            sched.submit(job(job_id=f"w{i}", new=1 + i % 8, cached=50 * i))
+        if prompt:
+            sched.submit(job(job_id="prompt", new=prompt, cached=0))
+        batch = sched.form_batch(0.0, BIG, BIG)
+        assert len(batch.jobs) == 12 + bool(prompt)
+        assert sched.last_batch_ms == pytest.approx(est.predict([j.cost for j in batch.jobs]))

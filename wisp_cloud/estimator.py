@@ -1,6 +1,7 @@
-"""Verification time estimator: an additive linear model of one batched verify forward.
+"""Verification time estimator: a linear model of one batched verify forward.
 
     T(B) = c0 + c1 * sum(n_i) + c2 * sum(n_i * L_i) + c3 * sum(C_i) + c4 * sum(R_i) + c5 * |B|
+           + c6 * rows * chunk * K + c7 * rows * K + c8 * min(sum(n_i), 8)
 
 n_i = new (uncached) tokens of request i, L_i = its total length after the round (C_i + n_i), C_i = its
 cached prefix tokens, R_i = the rows of logits it reads (a verify block all of its n_i rows, a prefill only
@@ -10,10 +11,19 @@ projection of one row (a [hidden x vocab] product: for the shipped target about 
 FLOPs, so a verify token costs more than a prompt token; without it the held-out error on the full
 profile grid was 13%, with it 7%), c5 the fixed cost of one request in the batch (its block table,
 gather, sampling and verification: on one CPU thread about 10 ms, which made a batch of eight decode steps
-take three times one step, not the 1.3 times the token terms give). Because the model is
-a sum over requests, a warm request (long cache, few new tokens) and a cold one (a whole prompt) compare
-on one scale, and a batch's time is the intercept plus each member's own marginal cost; the scheduler
-relies on that to price a batch incrementally.
+take three times one step, not the 1.3 times the token terms give).
+
+The last three are the batch's own, not its members': c6 and c7 price the paged attention's layout
+(`attention_rows.padded_layout`: `rows` of `chunk` query slots, every row padded to the longest row's
+`K` keys, so one long context or one long prefill makes every row in the batch pay: the score matrices
+and the gathered keys); c8 prices the first tokens of a forward, whose matrix products run at a fraction
+of their speed below eight rows (on this CPU a decode step costs 45 ms and an 8-token block 95 ms, while
+each token past the eighth adds about 1.4 ms). Without them the held-out error on the full profile grid
+was 8.5%, with them about 4%, against 0.85% between two measurements of the same grid.
+
+A batch's time is therefore the intercept, each member's own cost (`request_cost_ms`, the first six
+terms) and the batch's terms (`layout_ms`); a scheduler that prices a batch incrementally keeps the
+layout as it grows (`attention_rows.LayoutTally`, O(log n) per request).
 
 Coefficients are fitted by non-negative least squares: a negative cost per token is physically wrong and
 would let the scheduler believe that adding work makes a batch faster. By default the residuals are
@@ -38,11 +48,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from wisp_cloud.attention_rows import padded_layout
+
 FEATURE_NAMES = ("intercept_ms", "per_new_token_ms", "per_new_token_x_len_ms", "per_cached_token_ms",
-                 "per_logit_row_ms", "per_request_ms")
-FORMAT = "wisp-estimator/3"
-# /1: four coefficients (no logit rows), /2: five (no per-request term); the missing terms read as 0
-OLD_FORMATS = ("wisp-estimator/1", "wisp-estimator/2")
+                 "per_logit_row_ms", "per_request_ms", "per_padded_score_ms", "per_gathered_key_ms",
+                 "per_small_batch_token_ms")
+N_TERMS = len(FEATURE_NAMES)
+SMALL_BATCH_TOKENS = 8  # c8's reach: below this many rows a forward's matrix products run slowly
+FORMAT = "wisp-estimator/4"
+# /1: four coefficients (no logit rows), /2: five (no per-request term), /3: six (no layout terms); the
+# missing terms read as 0
+OLD_FORMATS = ("wisp-estimator/1", "wisp-estimator/2", "wisp-estimator/3")
 
 
 @dataclass(frozen=True)
@@ -76,16 +92,22 @@ class VerifyCost:
 Sample = tuple[Sequence[VerifyCost], float]  # (the batch, measured milliseconds)
 
 
-def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, float, float, float, float, float]:
-    """[1, sum n, sum n*L, sum C, sum R, requests]: the model's design row for one batch."""
+def batch_features(batch: Iterable[VerifyCost]) -> tuple[float, ...]:
+    """[1, sum n, sum n*L, sum C, sum R, requests, rows*chunk*K, rows*K, min(sum n, 8)]: the model's design
+    row for one batch (the last three from the paged attention's layout, `attention_rows.padded_layout`)."""
     new = new_x_len = cached = rows = count = 0
+    news, caches = [], []
     for req in batch:
         new += req.new_tokens
         new_x_len += req.new_tokens * req.total_len
         cached += req.cached_tokens
         rows += req.rows
         count += 1
-    return 1.0, float(new), float(new_x_len), float(cached), float(rows), float(count)
+        news.append(req.new_tokens)
+        caches.append(req.cached_tokens)
+    att_rows, chunk, keys = padded_layout(news, caches)
+    return (1.0, float(new), float(new_x_len), float(cached), float(rows), float(count),
+            float(att_rows * chunk * keys), float(att_rows * keys), float(min(new, SMALL_BATCH_TOKENS)))
 
 
 @dataclass(frozen=True)
@@ -127,7 +149,7 @@ def split(samples: Sequence[Sample], holdout_fraction: float, seed: int = 0) -> 
 
 
 def _design(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, 6]
+    X = np.array([batch_features(batch) for batch, _ in samples], dtype=np.float64)  # [n_samples, N_TERMS]
     y = np.array([ms for _, ms in samples], dtype=np.float64)  # [n_samples]
     return X.reshape(len(samples), len(FEATURE_NAMES)), y
 
@@ -187,12 +209,12 @@ class TimeEstimator:
         if not 1 <= len(c) <= len(FEATURE_NAMES) or any(x < 0 or not math.isfinite(x) for x in c):
             raise ValueError(f"need up to {len(FEATURE_NAMES)} finite non-negative coefficients, got {coefficients}")
         c += [0.0] * (len(FEATURE_NAMES) - len(c))
-        self.c0, self.c1, self.c2, self.c3, self.c4, self.c5 = c
+        self.c0, self.c1, self.c2, self.c3, self.c4, self.c5, self.c6, self.c7, self.c8 = c
         self.version += 1
 
     @property
-    def coefficients(self) -> tuple[float, float, float, float, float, float]:
-        return self.c0, self.c1, self.c2, self.c3, self.c4, self.c5
+    def coefficients(self) -> tuple[float, ...]:
+        return self.c0, self.c1, self.c2, self.c3, self.c4, self.c5, self.c6, self.c7, self.c8
 
     @property
     def margin(self) -> Margin:
@@ -206,28 +228,45 @@ class TimeEstimator:
     # --- prediction ----------------------------------------------------------------------------
 
     def request_cost_ms(self, req: VerifyCost) -> float:
-        """The request's marginal raw cost: what it adds to any batch (no intercept, no margin)."""
+        """The request's own raw cost in any batch: the first six terms less the intercept (no layout terms,
+        which belong to the batch: `layout_bound_ms`; no margin)."""
         n = req.new_tokens
         return (self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens + self.c4 * req.rows
                 + self.c5)
+
+    def layout_ms(self, rows: int, chunk: int, keys: int, tokens: int) -> float:
+        """The batch's own terms: its attention layout (`attention_rows`: `rows` of `chunk` queries padded to
+        `keys` keys) and its `tokens` new tokens' small-batch cost. A batch builder keeps a `LayoutTally`."""
+        return self.c6 * rows * chunk * keys + self.c7 * rows * keys + self.c8 * min(tokens, SMALL_BATCH_TOKENS)
 
     def with_margin(self, raw_ms: float) -> float:
         return self._margin.apply(raw_ms)
 
     def backlog_ms(self, queued: Iterable[VerifyCost], max_batch_tokens: int) -> float:
-        """Predicted time to drain a queue (admission control): each request's marginal cost plus one
-        intercept per batch of at most `max_batch_tokens`, with the margin."""
+        """Predicted time to drain a queue (admission control): each request's own cost and its attention
+        as one row of its own, plus per batch of at most `max_batch_tokens` the intercept and the small-batch
+        term, with the margin (padding between requests of one batch is left out: who shares a batch with
+        whom is the scheduler's choice)."""
         costs = list(queued)
         if not costs:
             return 0.0
         tokens = sum(c.new_tokens for c in costs)
         batches = max(1, math.ceil(tokens / max_batch_tokens))
-        return self.with_margin(sum(self.request_cost_ms(c) for c in costs) + batches * self.c0)
+        own = sum(self.request_cost_ms(c) + self.c6 * c.new_tokens * c.total_len + self.c7 * c.total_len
+                  for c in costs)
+        return self.with_margin(own + batches * (self.c0 + self.c8 * min(SMALL_BATCH_TOKENS, tokens)))
 
     def predict_raw(self, batch: Iterable[VerifyCost]) -> float:
         """The fitted model alone; an empty batch costs nothing (there is no forward)."""
         costs = list(batch)
-        return self.c0 + sum(self.request_cost_ms(r) for r in costs) if costs else 0.0
+        if not costs:
+            return 0.0
+        total = self.c0 + sum(self.request_cost_ms(r) for r in costs)
+        tokens = sum(r.new_tokens for r in costs)
+        if self.c6 or self.c7:  # the layout only when priced (a profile of an older format has neither)
+            return total + self.layout_ms(*padded_layout([r.new_tokens for r in costs],
+                                                          [r.cached_tokens for r in costs]), tokens)
+        return total + self.c8 * min(tokens, SMALL_BATCH_TOKENS)
 
     def predict(self, batch: Iterable[VerifyCost]) -> float:
         """T(batch) in ms with the safety margin: what a scheduler should plan with."""
@@ -236,7 +275,7 @@ class TimeEstimator:
 
     def predict_one(self, req: VerifyCost) -> float:
         """T({i}) in ms with the margin."""
-        return self.with_margin(self.c0 + self.request_cost_ms(req))
+        return self.with_margin(self.predict_raw([req]))
 
     # --- fitting and accuracy ----------------------------------------------------------------------
 
@@ -271,7 +310,7 @@ class TimeEstimator:
         weights = 1.0 / y if self.relative else np.ones_like(y)  # [n_samples]
         # Columns span ~1 to ~1e7 (n*L); scale each to unit norm so NNLS is well conditioned. A positive
         # column scale keeps the non-negativity constraint intact.
-        Xw = X * weights[:, None]  # [n_samples, 6]
+        Xw = X * weights[:, None]  # [n_samples, N_TERMS]
         norms = np.linalg.norm(Xw, axis=0)
         norms[norms == 0] = 1.0
         scaled, _ = nnls(Xw / norms, y * weights)

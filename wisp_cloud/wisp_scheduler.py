@@ -10,6 +10,7 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from wisp_cloud.attention_rows import LayoutTally
 from wisp_cloud.estimator import TimeEstimator
 from wisp_cloud.scheduler import CLOCK_STARTERS, INF, Batch, QueueStats, VerifyJob
 
@@ -58,7 +59,18 @@ class _BatchBuilder:
         self.chosen: list[_Entry] = []
         self.taken: set[int] = set()
         self.raw_ms, self.tokens, self.kv_bytes, self.earliest = est.c0, 0, 0, INF
+        # The batch's own terms (`TimeEstimator.layout_ms`): its attention layout, kept as it grows, and their
+        # cost now; skipped when the estimator prices none of them (a profile of an older format).
+        self.layout, self.layout_now_ms = LayoutTally(), 0.0
+        self.priced_layout = bool(est.c6 or est.c7 or est.c8)
         self.full = False
+
+    def _layout_with_ms(self, job) -> float:
+        """The batch's own terms with `job` added."""
+        if not self.priced_layout:
+            return 0.0
+        return self.est.layout_ms(*self.layout.layout(job.new_tokens, job.new_tokens + job.cached_tokens),
+                                  self.tokens + job.new_tokens)
 
     def add(self, entry: _Entry) -> bool:
         job = entry.job
@@ -68,15 +80,22 @@ class _BatchBuilder:
         # holding the batch to it would shrink every batch while a session catches up.
         late = entry.start < self.now
         limit = self.earliest if entry.best_effort or late else min(self.earliest, entry.deadline)
+        layout_ms = None
         if self.chosen:  # the first job is exempt: a lone job cannot be helped by waiting
             if self.tokens + job.new_tokens > self.max_tokens:
                 return False
-            if self.now + self.est.with_margin(self.raw_ms + entry.cost_ms) / 1000.0 > limit:
-                return False
+            if limit != INF:  # a batch with no deadline in it need not be priced job by job
+                layout_ms = self._layout_with_ms(job)
+                if self.now + self.est.with_margin(self.raw_ms + entry.cost_ms + layout_ms) / 1000.0 > limit:
+                    return False
         self.chosen.append(entry)
         self.taken.add(entry.seq)
         self.raw_ms += entry.cost_ms
         self.tokens += job.new_tokens
+        if self.priced_layout:
+            self.layout.add(job.new_tokens, job.new_tokens + job.cached_tokens)
+            self.layout_now_ms = layout_ms if layout_ms is not None else \
+                self.est.layout_ms(*self.layout.layout(), self.tokens)
         self.kv_bytes += job.kv_bytes
         self.earliest = limit
         self.full = self._nothing_else_fits()
@@ -90,7 +109,8 @@ class _BatchBuilder:
         if self.earliest == INF:
             return False
         margin = self.est.margin
-        raw_budget_ms = ((self.earliest - self.now) * 1000.0 - margin.extra_ms) / margin.scale - self.raw_ms
+        raw_budget_ms = ((self.earliest - self.now) * 1000.0 - margin.extra_ms) / margin.scale - self.raw_ms \
+            - self.layout_now_ms  # a job added seldom lowers the batch's own terms (only by moving the chunk)
         return raw_budget_ms < self.min_cost_ms * (1 - 1e-9) - 1e-9
 
 
@@ -164,7 +184,7 @@ class WispScheduler:
     def _keyed(self, entry: _Entry) -> _Entry:
         est, job = self.estimator, entry.job
         entry.cost_ms = est.request_cost_ms(job.cost)
-        solo_ms = est.with_margin(est.c0 + entry.cost_ms)
+        solo_ms = est.predict_one(job.cost)
         entry.deadline = job.completion_deadline
         entry.start = entry.deadline - solo_ms / 1000.0
         entry.density = (job.expected_accepted + 1.0) / solo_ms if solo_ms > 0 else INF
@@ -270,7 +290,7 @@ class WispScheduler:
         if not builder.chosen:
             return Batch([], 0.0, now, wait_s=0.0 if self._entries else INF)
         jobs = [e.job for e in builder.chosen]
-        self.last_batch_ms = self.estimator.with_margin(builder.raw_ms)
+        self.last_batch_ms = self.estimator.with_margin(builder.raw_ms + builder.layout_now_ms)
         return Batch(jobs, self.last_batch_ms, now, builder.tokens, builder.kv_bytes)
 
     def next_decision_time(self, now: float) -> float:

@@ -18,7 +18,8 @@ takes the additive mask; a varlen flash kernel reading the block tables would sk
 GPU was available to measure one, so the portable path is the only one.
 
 The chunk trades padding against gathering: a long prefill cut into rows of `chunk` queries pads decode
-rows less, but every row re-gathers its session's keys. `choose_chunk` minimises rows * (chunk + c).
+rows less, but every row re-gathers its session's keys. `choose_chunk` (`wisp_cloud/attention_rows.py`, which
+the time estimator prices the layout with) minimises rows * (chunk + c).
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wisp_cloud.attention_rows import choose_chunk
 from wisp_cloud.model.block_pool import NULL_BLOCK
-
-GATHER_COST_QUERIES = 16  # the cost of gathering one row's keys, in padded query rows (rough, measured)
 
 
 @dataclass
@@ -48,17 +48,6 @@ class PagedLayout:
     starts: list[int]
     seq_lens: list[int]
     tables: list[list[int]]
-
-
-def choose_chunk(seq_lens: list[int]) -> int:
-    """Queries per row: the power of two (or the longest sequence) that minimises rows * (chunk + gather)."""
-    longest = max(seq_lens)
-    candidates = {longest} | {1 << i for i in range(longest.bit_length()) if (1 << i) < longest}
-
-    def cost(chunk: int) -> int:
-        return sum(-(-n // chunk) for n in seq_lens) * (chunk + GATHER_COST_QUERIES)
-
-    return min(sorted(candidates, reverse=True), key=cost)
 
 
 def plan(starts: list[int], seq_lens: list[int], tables: list[list[int]], block_size: int, group: int,

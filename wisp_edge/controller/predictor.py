@@ -203,12 +203,35 @@ class _NoFeedback:
         pass
 
 
+class _DraftsOnWhenWorthwhile(_NoFeedback):
+    """The override every stop rule shares: a doubtful token is drafted anyway when the chance that it gets
+    committed is at least `min_worthwhile` (set by the controller from the round trip; 1 means never).
+
+    That chance is the token's own acceptance estimate times the block's so far: a token is committed
+    only if every token before it in the block is. Judging the token alone (as before) drafted deep into
+    blocks whose earlier tokens were already doubtful; with the student (about half its tokens accepted)
+    it drafted 0.8 to 1.9 ms of waste per token at +20 to +100 ms without committing more per round.
+    """
+
+    min_worthwhile: float = 1.0
+    _prefix_accept: float = 1.0  # the block's tokens so far all accepted, as the rule estimates it
+
+    def _stops(self, index: int, doubtful: bool, accept: float) -> bool:
+        """doubtful: the rule's own verdict on this token; accept: its estimated chance of acceptance."""
+        if index == 0:
+            self._prefix_accept = 1.0
+        chance = self._prefix_accept * min(max(accept, 0.0), 1.0)
+        self._prefix_accept = chance
+        return doubtful and chance <= self.min_worthwhile
+
+
 @dataclass
-class PredictorPolicy(_NoFeedback):
+class PredictorPolicy(_DraftsOnWhenWorthwhile):
     """Stop after the token whose predicted P(first rejection) reaches tau, or at k_max.
 
-    `min_worthwhile` (set by the controller from the measured round trip) raises tau to
-    1 - min_worthwhile when drafting through a doubtful token is cheaper than the round it may save.
+    `min_worthwhile` (set by the controller from the measured round trip): a token past tau is drafted
+    anyway while the block's chance of being committed through it, the product of 1 - P over its tokens,
+    is above it (drafting on is cheaper than the round it may save).
     """
 
     predictor: RejectionPredictor
@@ -231,7 +254,7 @@ class PredictorPolicy(_NoFeedback):
         fused = self._scorer.stop_score
         if fused is not None and logits.dtype is _F32 and logits.strides == _ONE_FLOAT32 and logits.shape[0] >= 2:
             score, self._log_top1 = fused(data_address(logits), logits.shape[0], index, self._log_top1)
-            return self._stops(score)
+            return self._decide_score(index, score)
         stats = self._stats
         if stats is None or stats.n != logits.shape[0]:
             assert logits.ndim == 1 and logits.shape[0] >= 2, f"expected one row of >= 2 logits, got {logits.shape}"
@@ -247,19 +270,19 @@ class PredictorPolicy(_NoFeedback):
         self._log_top1 = (0.0 if index == 0 else self._log_top1) + math.log(max(top1, 1e-12))
         scorer = self._scorer
         scorer.set_row(top1, entropy, margin, gap, std, index, self._log_top1)  # as BlockFeatures' row
-        return self._stops(scorer.score())
+        return self._decide_score(index, scorer.score())
 
-    def _stops(self, score: float) -> bool:
-        """Whether the MLP's pre-sigmoid score reaches tau (raised by `min_worthwhile`)."""
-        tau = max(self._tau, 1.0 - self.min_worthwhile)
+    def _decide_score(self, index: int, score: float) -> bool:
+        """From the MLP's pre-sigmoid score: past tau, and not worth drafting on."""
+        tau = self._tau
         if tau != self._threshold[0]:
             self._threshold = (tau, score_threshold(tau))
-        threshold = self._threshold[1]
-        return 0.5 * (1.0 + math.tanh(0.5 * score)) >= tau if threshold is None else score >= threshold
+        threshold, p_reject = self._threshold[1], 0.5 * (1.0 + math.tanh(0.5 * score))
+        return self._stops(index, p_reject >= tau if threshold is None else score >= threshold, 1.0 - p_reject)
 
 
 @dataclass
-class ConfidencePolicy(_NoFeedback):
+class ConfidencePolicy(_DraftsOnWhenWorthwhile):
     """SLED's rule: stop after a token whose top-1 probability (temperature 1) is below the threshold."""
 
     threshold: float = 0.5
@@ -273,11 +296,11 @@ class ConfidencePolicy(_NoFeedback):
         return self.stop_after_stats(index, (top1_prob(logits), 0.0, 0.0, 0.0, 0.0))
 
     def stop_after_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> bool:
-        return stats[0] < min(self.threshold, self.min_worthwhile)
+        return self._stops(index, stats[0] < self.threshold, stats[0])  # top-1 as the acceptance estimate
 
 
 @dataclass
-class EntropyPolicy(_NoFeedback):
+class EntropyPolicy(_DraftsOnWhenWorthwhile):
     """AdaEDL's bound, simplified: stop when 1 - sqrt(gamma * H) < lam, H the drafter's entropy in nats.
 
     1 - sqrt(gamma * H) approximates a lower bound on the token's acceptance probability. AdaEDL
@@ -298,7 +321,8 @@ class EntropyPolicy(_NoFeedback):
         return self.stop_after_stats(index, distribution_stats(logits))
 
     def stop_after_stats(self, index: int, stats: tuple[float, float, float, float, float]) -> bool:
-        return 1.0 - math.sqrt(self.gamma * stats[1]) < min(self.lam, self.min_worthwhile)
+        accept = 1.0 - math.sqrt(self.gamma * stats[1])  # AdaEDL's acceptance bound
+        return self._stops(index, accept < self.lam, accept)
 
 
 def policy_for(drafter, k_max: int = 8, directory: str | Path = PREDICTOR_DIR):
