@@ -19,7 +19,7 @@ import pytest
 
 from tests.live_server import LiveServer, tiny_checkpoint
 from tests.tiny_models import TorchDrafter
-from wisp_cloud.cluster.placement import ReplicaLoad, avoid_key, avoided, owner_of, rank, session_id, split_session_id, target_key
+from wisp_cloud.cluster.placement import STATS_PERIOD_S, ReplicaLoad, avoid_key, avoided, owner_of, rank, session_id, split_session_id, target_key
 from wisp_cloud.estimator import TimeEstimator
 from wisp_cloud.generate import generate
 from wisp_edge.client import HttpVerifier
@@ -93,11 +93,25 @@ def _replicas(url: str) -> list[dict]:
 
 
 def _wait_for_replicas(url: str, gone: str | None = None, timeout_s: float = 240.0) -> list[dict]:
+    """Until every replica runs and Serve's proxy routes to each (it learns of a new replica a little later
+    than the replicas do): a few sessions opened and closed, and the `x-wisp-replica` header of the
+    answers names each replica."""
     deadline = time.monotonic() + timeout_s
     while True:
         replicas = _replicas(url)
-        if len(replicas) == REPLICAS and gone not in {r["id"] for r in replicas}:
-            return replicas
+        ids = {r["id"] for r in replicas}
+        if len(replicas) == REPLICAS and gone not in ids:
+            answered = set()
+            for _ in range(2 * REPLICAS):
+                opened = httpx.post(f"{url}/v1/sessions", json={"prompt_ids": [1, 2, 3]}, timeout=30)
+                if opened.status_code == 201:
+                    answered.add(opened.headers.get("x-wisp-replica"))
+                    sid = opened.json()["session_id"]
+                    httpx.delete(f"{url}/v1/sessions/{sid}", headers={"x-session-id": sid}, timeout=30)
+            if answered == ids:
+                # Those sessions count as placed on their replicas until each reports its load again.
+                time.sleep(2 * STATS_PERIOD_S + 0.2)
+                return replicas
         if time.monotonic() > deadline:
             pytest.fail(f"{REPLICAS} replicas{f' without {gone}' if gone else ''} not running: {replicas}")
         time.sleep(0.25)
@@ -113,8 +127,23 @@ def test_health_and_metrics_list_every_replica(cluster):
     assert httpx.get(f"{cluster.url}/openapi.json").json()["paths"]["/v1/sessions/{session_id}/verify"]
 
 
+def _verify_requests_served(metrics: str) -> dict[str, float]:
+    """Verify requests answered 200 by each replica's own HTTP app, from the merged /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    served: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "wisp_http_requests_total" and labels.get("route", "").endswith("/verify") \
+                    and labels.get("status") == "200":
+                served[labels["replica"]] = served.get(labels["replica"], 0.0) + sample.value
+    return served
+
+
 def test_rounds_stay_on_their_replica_and_sessions_spread(cluster):
     with httpx.Client(base_url=cluster.url, timeout=30) as http:
+        before = _verify_requests_served(http.get("/metrics").text)
         sessions = []
         for i in range(6):
             reply = http.post("/v1/sessions", json={"prompt_ids": [1, 100 + i, 7, 9]})
@@ -122,15 +151,23 @@ def test_rounds_stay_on_their_replica_and_sessions_spread(cluster):
             sessions.append([reply.json()["session_id"], reply.json()["position"]])
         owners = [split_session_id(sid)[0] for sid, _ in sessions]
         assert len(set(owners)) == REPLICAS and max(owners.count(o) for o in set(owners)) <= 4
-        for round_id in range(5):
+        for round_id in range(6):
             for entry in sessions:
                 sid, position = entry
-                reply = http.post(f"/v1/sessions/{sid}/verify",
+                # With the header (as the edge client sends it) Serve's proxy routes the round to the session's
+                # replica; without it (the last round) any replica takes it and passes it to the owner.
+                headers = {"x-session-id": sid} if round_id < 5 else {}
+                reply = http.post(f"/v1/sessions/{sid}/verify", headers=headers,
                                   json={"position": position, "round_id": round_id, "draft_ids": [5, 6, 7]})
                 assert reply.status_code == 200, reply.text  # another replica would not know the session
                 entry[1] = reply.json()["position"]
         counts = {r["id"]: r["sessions"] for r in _replicas(cluster.url)}
         assert sorted(counts.values()) == sorted(owners.count(o) for o in set(owners))
+        # The five rounds with the header reached their replica's own HTTP app straight from the proxy: each
+        # replica served five verify requests per session it holds, plus at most the six header-less ones.
+        served = _verify_requests_served(http.get("/metrics").text)
+        for replica, held in counts.items():
+            assert 5 * held <= served.get(replica, 0) - before.get(replica, 0) <= 5 * held + len(sessions), served
         for sid, _ in sessions:
             assert http.delete(f"/v1/sessions/{sid}").status_code == 204
         assert http.delete(f"/v1/sessions/{sessions[0][0]}").status_code in (404, 410)

@@ -77,9 +77,10 @@ def test_allow_local_drafts_alone_and_marks_every_token_unverified():
 
 def test_bench_compares_policies_with_the_same_tokens(verifier):
     run = _edge("bench", "--server", verifier.url, "--policies", "wisp,fixed,sled", "--rtt", "0,200",
-                "--prompts", "1", "--tokens", "16", "--json")
+                "--prompts", "1", "--tokens", "16", "--repeats", "2", "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
+    assert report["repeats"] == 2
     assert report["lossless"] and report["drafting_tokens_per_s"] > 0 and report["base_rtt_ms"] > 0
     assert set(report["results"]) == {"0", "200"}
     for extra, by_policy in report["results"].items():
@@ -87,6 +88,9 @@ def test_bench_compares_policies_with_the_same_tokens(verifier):
         for row in by_policy.values():
             assert row["same_output"] and row["tokens"] >= 1 and row["tokens_per_s"] > 0
             assert row["controller_us_per_token"] >= 0 and row["wasted_ms_per_token"] >= 0
+            runs = row["tokens_per_s_runs"]  # each policy ran twice, and the row is their median
+            assert len(runs) == 2 and min(runs) <= row["tokens_per_s"] <= max(runs)
+            assert row["tokens"] == 2 * 16
     # 200 ms more per round trip (several rounds, over a second in all) costs time: the same tokens come slower.
     assert report["results"]["200"]["fixed"]["tokens_per_s"] < report["results"]["0"]["fixed"]["tokens_per_s"]
 

@@ -6,7 +6,8 @@ single-process server, both started by this script on loopback, measured in one 
 Sections:
   overhead    one session's verify rounds (3 drafted tokens) alternating between the direct server and the
               cluster, on a tiny random model with the target's vocabulary, so the model's time is small and
-              equal on both: overhead = cluster round trip - direct round trip, p50 and p99
+              equal on both: overhead = cluster round trip - direct round trip, p50 and p99; every round
+              names its session in the x-session-id header, as the edge client does
   throughput  the shipped target, one torch thread per replica: CLIENTS sessions in a closed loop of verify
               rounds (4 drafted tokens) for SECONDS against the single-process server, then against 2
               replicas, twice each, alternating; aggregate rounds per second and their ratio
@@ -39,7 +40,7 @@ import httpx  # noqa: E402
 from tests.live_server import LiveServer, tiny_checkpoint  # noqa: E402
 from wisp_cloud.cluster.placement import split_session_id  # noqa: E402
 from wisp_cloud.estimator import TimeEstimator  # noqa: E402
-from wisp_edge.client import HttpVerifier  # noqa: E402
+from wisp_edge.client import SESSION_HEADER, HttpVerifier  # noqa: E402
 from wisp_edge.wire.protocol import SessionStart, VerifyBlock, VerifyRequest  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def overhead(direct: LiveServer, cluster: LiveServer, rounds: int) -> dict:
                     state[name] = list(open_session(http, [1, 17, 42, 9]))
                     sid, position = state[name]
                 t0 = time.perf_counter()
-                reply = http.post(f"/v1/sessions/{sid}/verify",
+                reply = http.post(f"/v1/sessions/{sid}/verify", headers={SESSION_HEADER: sid},
                                   json={"position": position, "round_id": round_id, "draft_ids": [5, 6, 7]})
                 elapsed = (time.perf_counter() - t0) * 1000
                 reply.raise_for_status()
@@ -100,7 +101,7 @@ async def closed_loop(url: str, clients: int, seconds: float) -> float:
             done, round_id = 0, 0
             end = time.monotonic() + seconds
             while time.monotonic() < end:
-                reply = await http.post(f"/v1/sessions/{sid}/verify", json={
+                reply = await http.post(f"/v1/sessions/{sid}/verify", headers={SESSION_HEADER: sid}, json={
                     "position": position, "round_id": round_id, "draft_ids": [11, 12, 13, 14]})
                 reply.raise_for_status()
                 position, round_id, done = reply.json()["position"], round_id + 1, done + 1

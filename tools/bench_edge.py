@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--fixed-k", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per policy and round trip, in rotated order; rows give the median")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the verifier")
     parser.add_argument("--compare-draft-ahead", choices=("on", "off", "both"), default="on",
                         help="drafting during verification: on (default), off, or both side by side")
@@ -48,7 +50,7 @@ def main() -> int:
             try:
                 reports.append(bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")],
                                      policies=args.policies.split(","), prompts=args.prompts, tokens=args.tokens,
-                                     fixed_k=args.fixed_k, draft_ahead=args.compare_draft_ahead,
+                                     fixed_k=args.fixed_k, draft_ahead=args.compare_draft_ahead, repeats=args.repeats,
                                      out=lambda line: print(line, flush=True)))
             finally:
                 agent.close()

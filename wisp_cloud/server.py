@@ -2,7 +2,7 @@
 
 `create_app(service, text_model, tokenizer, access=...)` builds the app around an already loaded
 model; `wisp-cloud serve` builds the runtime from settings and runs uvicorn. The same app fronts a fleet
-of replicas on Ray Serve (`cluster/`), given a `RemoteService` with the service's methods. Every request first
+of replicas on Ray Serve (`cluster/`), given a `FleetService` with the service's methods. Every request first
 passes the access gate (`access.py`: API keys, per-key rate limit, body size and time), so no
 handler runs and no body is read for a caller without a key. Every refusal is a JSON body
 ``{"error": {"message", "type", "code", ...}}`` with a 4xx/5xx status, plus ``Retry-After`` on
@@ -35,6 +35,7 @@ log = logging.getLogger("wisp.server")
 ERRORS = {code: {"model": ErrorReply} for code in (400, 401, 404, 408, 409, 410, 413, 422, 429, 503)}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 EXTRA_FIELD = "Extra inputs are not permitted"
+REPLICA_HEADER = "x-wisp-replica"
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
@@ -42,8 +43,26 @@ def _error(status: int, code: str, message: str, headers: dict | None = None, **
 
 
 async def _settled(value):
-    """A service answers in place (`VerifierService`) or after a call to a replica (`cluster.RemoteService`)."""
+    """A service answers in place (`VerifierService`) or after a call to a replica (`cluster.FleetService`)."""
     return await value if inspect.isawaitable(value) else value
+
+
+class ServedBy:
+    """Adds `x-wisp-replica: <id>` to every answer (outermost, so refusals by the gate carry it too)."""
+
+    def __init__(self, app, replica: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
 
 
 def _key_of(request: Request) -> str | None:
@@ -52,8 +71,10 @@ def _key_of(request: Request) -> str | None:
 
 
 def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, api_key: str | None = None,
-               access: AccessPolicy | None = None) -> FastAPI:
-    """`access` carries the keys and limits; `api_key` alone is a shorthand for one key and default limits."""
+               access: AccessPolicy | None = None, served_by: str | None = None) -> FastAPI:
+    """`access` carries the keys and limits; `api_key` alone is a shorthand for one key and default limits.
+    `served_by`: a replica's id, sent back in an `x-wisp-replica` header on every answer (a fleet's operator
+    and tests see which replica answered)."""
     if access is None:
         access = AccessPolicy(KeyRing([api_key] if api_key else []))
 
@@ -70,6 +91,8 @@ def create_app(service: VerifierService, text_model: TextModel, tokenizer, *, ap
                               "decoding, over one target model.")
     app.add_middleware(AccessGate, policy=access, refused=lambda reason: service.metrics.rejected.labels(reason).inc(),
                        served=lambda route, status: service.metrics.http.labels(route, str(status)).inc())
+    if served_by:
+        app.add_middleware(ServedBy, replica=served_by)
     # Declares the bearer key in the OpenAPI schema; the gate has already enforced it.
     keyed = [Security(HTTPBearer(auto_error=False))] if access.keys.enabled else []
 

@@ -175,7 +175,8 @@ def _bench(args) -> int:
     try:
         report = bench(agent, extra_rtts_ms=[float(x) for x in args.rtt.split(",")], policies=args.policies.split(","),
                        prompts=args.prompts, tokens=args.tokens, fixed_k=args.fixed_k, k_max=agent.settings.k_max,
-                       draft_ahead=args.compare_draft_ahead, out=(lambda _line: None) if args.json else print)
+                       draft_ahead=args.compare_draft_ahead, repeats=args.repeats,
+                       out=(lambda _line: None) if args.json else print)
     finally:
         agent.close()
     if args.json:
@@ -216,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-k", type=int, default=4, help="k of the fixed policy (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=3, help="chat questions to run, at most 6 (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=40, help="tokens per answer (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per policy and round trip, policies in rotated order; the median is reported "
+                        "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
     p.add_argument("--compare-draft-ahead", choices=("on", "off", "both"), default="on",
                    help="drafting during verification: on, off, or both side by side (default: %(default)s)")

@@ -9,6 +9,10 @@ It hides the network's failures from the engine, which only ever sees answered r
   ``resume=true`` and the round is retried there; the engine keeps its session id;
 - 429/503 with Retry-After: waits as told, up to `max_wait_s`, then raises `VerifierBusy`.
 Bad requests (4xx) raise `VerifierRequestError` with the server's reason.
+
+Every request about a session also names it in the `x-session-id` header: a fleet of verifier replicas
+on Ray Serve routes on that header, so a round goes from Serve's proxy straight to the replica holding
+the session (a single server ignores it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from wisp_edge.wire.protocol import (SessionStart, SessionStarted, VerifierUnava
                                      dump, load)
 
 RESEND_CODES = {"session_evicted", "unknown_session", "stale_position"}
+SESSION_HEADER = "x-session-id"  # Ray Serve's session-affinity header (its proxy passes it to the router)
 
 
 class VerifierError(RuntimeError):
@@ -76,13 +81,14 @@ class HttpVerifier:
 
     # --- plumbing ---------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+    def _request(self, method: str, path: str, body: dict | None = None, session: str | None = None) -> httpx.Response:
         """Send, retrying network failures and honouring Retry-After; returns any non-retryable reply."""
         deadline = time.monotonic() + self.max_wait_s
         failures = 0
+        headers = {SESSION_HEADER: session} if session else None
         while True:
             try:
-                response = self.http.request(method, path, json=body)
+                response = self.http.request(method, path, json=body, headers=headers)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 failures += 1
                 self.retries += 1
@@ -132,7 +138,7 @@ class HttpVerifier:
             raise VerifierError(f"session {request.session_id} was not opened by this client")
         body = dump(request.block)
         for _ in range(self.max_resumes + 1):
-            response = self._request("POST", f"/v1/sessions/{remote.server_id}/verify", body)
+            response = self._request("POST", f"/v1/sessions/{remote.server_id}/verify", body, remote.server_id)
             if response.status_code == 200:
                 reply = load(VerifyReply, response.json())
                 self.replays += reply.replayed
@@ -154,7 +160,8 @@ class HttpVerifier:
         if remote is None:
             return
         try:
-            self.http.delete(f"/v1/sessions/{remote.server_id}", timeout=2.0)
+            self.http.delete(f"/v1/sessions/{remote.server_id}", timeout=2.0,
+                             headers={SESSION_HEADER: remote.server_id})
         except httpx.HTTPError:
             pass  # the server forgets idle sessions by itself
 

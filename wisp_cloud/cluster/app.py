@@ -1,4 +1,9 @@
-"""The Ray Serve application: `replicas` verifier deployments behind one FastAPI ingress, from `ServeSettings`.
+"""The Ray Serve application: `replicas` verifier replicas, each serving the whole HTTP API, from `ServeSettings`.
+
+Every replica is the application's ingress (`serve.ingress` over `VerifierReplica`, whose app is
+`server.create_app` over a `fleet.FleetService`), so Serve's HTTP proxy hands each request to one
+replica, chosen by `router.SessionRouter`: by the `x-session-id` header for a session's rounds, by load
+otherwise.
 
 `build_app(settings)` binds the graph (the whole settings object goes to every replica); `serve(settings)`
 is `wisp-cloud serve --replicas N` / `--ray-address ADDR`: join or start Ray, start Serve's HTTP proxy on
@@ -9,52 +14,16 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 from wisp_cloud.cluster.replica import VerifierReplica
-from wisp_cloud.cluster.router import STATS_PERIOD_S
+from wisp_cloud.cluster.placement import STATS_PERIOD_S
 from wisp_cloud.settings import ServeSettings
 
 APP_NAME = "wisp"
 VERIFIER = "WispVerifier"
-INGRESS = "WispIngress"
 ROUTER = "wisp_cloud.cluster.router.SessionRouter"
 MAX_ONGOING = 100_000  # admission control is the verifier's own (429/503 with Retry-After), not Serve's queue cap
 DRAIN_S = 60.0  # a replica scaled down finishes the rounds it holds for up to this long
-
-
-def text_side(settings: ServeSettings):
-    """The ingress's share of the model: its text side (chat template, vocabulary size) and tokenizer, no weights."""
-    from wisp_cloud.model.loader import load_args
-    from wisp_cloud.runtime import model_id_for
-    from wisp_cloud.tokenizer import chat_template_of, load_tokenizer
-    from wisp_edge.wire.openai import TextModel
-
-    model_dir = Path(settings.model)
-    args = load_args(model_dir)
-    try:
-        chat_template = chat_template_of(model_dir)
-    except ValueError:
-        chat_template = None
-    model_id = settings.served_model_name or model_id_for(model_dir)
-    text_model = TextModel(model_id, args.max_seq_len, args.vocab_size, frozenset(args.eos_token_ids), chat_template)
-    return text_model, load_tokenizer(model_dir)
-
-
-class Ingress:
-    """The HTTP API of `server.create_app`, over the verifier replicas."""
-
-    def __init__(self, verifier, settings: ServeSettings) -> None:
-        self.verifier, self.settings = verifier, settings
-
-    def __serve_build_asgi_app__(self):
-        from wisp_cloud.access import AccessPolicy
-        from wisp_cloud.cluster.remote import RemoteService
-        from wisp_cloud.server import create_app
-
-        text_model, tokenizer = text_side(self.settings)
-        return create_app(RemoteService(self.verifier), text_model, tokenizer,
-                          access=AccessPolicy.from_settings(self.settings))
 
 
 def uses_gpu(settings: ServeSettings) -> bool:
@@ -89,10 +58,7 @@ def verifier_options(settings: ServeSettings) -> dict:
 def build_app(settings: ServeSettings):
     from ray import serve
 
-    verifier = serve.deployment(VerifierReplica).options(**verifier_options(settings))
-    ingress = serve.deployment(serve.ingress()(Ingress)).options(
-        name=INGRESS, max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(verifier.bind(settings), settings)
+    return serve.deployment(serve.ingress()(VerifierReplica)).options(**verifier_options(settings)).bind(settings)
 
 
 def serve(settings: ServeSettings) -> int:

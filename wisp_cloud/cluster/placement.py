@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 SEPARATOR = "."
 TARGET_PREFIX = "@"
+STATS_PERIOD_S = 0.5  # how often each replica reports its load to every router
 AVOID_PREFIX = "!"  # a new session that the replicas listed after it refused: place it elsewhere
 
 

@@ -1,5 +1,5 @@
-"""The ingress's stand-in for `VerifierService`: the same methods, served by the verifier replicas through
-a Ray Serve deployment handle, so `server.create_app` serves the same routes, auth and errors over a fleet.
+"""`VerifierService`'s methods served by the verifier replicas through a Ray Serve deployment handle: the
+part of `fleet.FleetService` that reaches the other replicas (a replica's own work it does in place).
 
 Session calls carry the session id as the routing key (`router.py` sends them to the replica that holds
 the session); new sessions and centralized requests carry none and are placed by load. A replica that
@@ -28,12 +28,16 @@ from wisp_edge.wire.sampling import SamplingParams
 log = logging.getLogger("wisp.cluster")
 
 VIEW_TIMEOUT_S = 5.0  # a replica that does not answer /health or /metrics within this is listed as unreachable
-INGRESS = "ingress"
 SUMMED = ("sessions", "queue_depth", "batches_run", "kv_used_bytes", "kv_budget_bytes", "kv_evictions")
 
 
 def _lost(what: str) -> ApiError:
     return ApiError(503, "replica_lost", f"the verifier replica serving {what} stopped; retry", retry_after=1.0)
+
+
+def gone(session_id: str) -> ApiError:
+    return ApiError(404, "unknown_session", f"session {session_id} was on a verifier replica that stopped: "
+                                            "open a new session with your committed tokens and resume=true")
 
 
 class RemoteService:
@@ -74,13 +78,21 @@ class RemoteService:
     async def create_session(self, prompt_ids: list[int], params: SamplingParams, **options) -> SessionStarted:
         """Placed by load; a replica that refuses for load passes the newcomer on to the others, so it hears
         429/503 only when every replica is full (with the last one's Retry-After)."""
-        refused: list[str] = []
+        result = await self._call("create_session", prompt_ids, params, keep_failure=True, **options)
+        if not isinstance(result, Failure):
+            return result
+        if not result.overloaded or result.replica is None or len(self.replica_ids()) <= 1:
+            raise result.error()
+        return await self._offer(prompt_ids, params, [result.replica], result, **options)
+
+    async def _offer(self, prompt_ids: list[int], params: SamplingParams, refused: list[str], last: Failure,
+                     **options) -> SessionStarted:
+        """A newcomer that the replicas in `refused` turned away for load, offered to the others in turn."""
         while True:
-            key = avoid_key(refused) if refused else None
             try:
                 result = await asyncio.wait_for(
-                    self._call("create_session", prompt_ids, params, key=key, keep_failure=True, **options),
-                    None if not refused else VIEW_TIMEOUT_S)
+                    self._call("create_session", prompt_ids, params, key=avoid_key(refused), keep_failure=True,
+                               **options), VIEW_TIMEOUT_S)
             except TimeoutError:  # nobody else left to ask
                 raise last.error() from None
             if not isinstance(result, Failure):
@@ -91,9 +103,7 @@ class RemoteService:
             refused.append(result.replica)
 
     async def verify(self, session_id: str, **block) -> dict:
-        gone = ApiError(404, "unknown_session", f"session {session_id} was on a verifier replica that stopped: "
-                                                "open a new session with your committed tokens and resume=true")
-        return await self._call("verify", session_id, key=session_id, lost=gone, **block)
+        return await self._call("verify", session_id, key=session_id, lost=gone(session_id), **block)
 
     async def close(self, session_id: str, owner: str | None = None) -> None:
         await self._call("close", session_id, key=session_id, owner=owner)
@@ -127,7 +137,7 @@ class RemoteService:
         results: dict[str, object] = {}
         for rid in ids:
             try:
-                results[rid] = await asyncio.wait_for(self._call(method, key=target_key(rid)), VIEW_TIMEOUT_S)
+                results[rid] = await self._ask(rid, method)
             except Exception as exc:  # noqa: BLE001  (listed as unreachable below)
                 results[rid] = exc
         for rid, value in results.items():
@@ -135,6 +145,9 @@ class RemoteService:
                 log.warning("replica did not answer", extra={"replica": rid, "method": method,
                                                              "error": repr(value)})
         return results
+
+    async def _ask(self, replica: str, method: str):
+        return await asyncio.wait_for(self._call(method, key=target_key(replica)), VIEW_TIMEOUT_S)
 
     async def status(self) -> dict:
         replicas = [value if isinstance(value, dict) else {"id": rid, "state": "unreachable",
@@ -150,7 +163,7 @@ class RemoteService:
                              for r in replicas]}
 
     async def render_metrics(self) -> bytes:
-        texts = {INGRESS: self.metrics.render()}
+        texts = {"handle": self.metrics.render()}  # what this process itself counted
         texts.update({rid: text for rid, text in (await self._each("render_metrics")).items()
                       if isinstance(text, bytes)})
         return merge_metrics(texts)

@@ -1,10 +1,12 @@
 """One verifier replica as a Ray Serve deployment: a whole `VerifierService` (model, KV pool, scheduler,
-estimator) in its own process, called by the ingress through a deployment handle.
+estimator) in its own process, serving the HTTP API itself (`fleet.FleetService`) and called by the other
+replicas through a deployment handle (rounds of its sessions that reached another replica, newcomers
+they refused, health and metrics).
 
 Session ids leave the replica as `<replica id>.<local id>` (so the router can send rounds back here) and
 come in the same way; an id naming another replica is unknown here (404), which is what the edge hears
 after the replica that held its session died. Refusals travel back as plain values (`Failure`) and are
-raised again as `ApiError` by the ingress, so nothing depends on pickling exceptions.
+raised again as `ApiError` by the caller, so nothing depends on pickling exceptions.
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ class VerifierReplica:
 
         from wisp_cloud.runtime import build_runtime
 
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.deployment, self.app_name = context.deployment, context.app_name
+        self.settings = settings
         self.pid = os.getpid()
         self.runtime = build_runtime(settings)
         self.service = self.runtime.service
@@ -62,6 +67,18 @@ class VerifierReplica:
     def _local(self, value: str) -> str:
         replica, local = split_session_id(value)
         return local if replica == self.replica_id else value  # another replica's id: unknown here
+
+    def __serve_build_asgi_app__(self):
+        """The HTTP API of `server.create_app`, over this replica and, through a handle, the others."""
+        from ray import serve
+
+        from wisp_cloud.access import AccessPolicy
+        from wisp_cloud.cluster.fleet import FleetService
+        from wisp_cloud.server import create_app
+
+        fleet = FleetService(self, serve.get_deployment_handle(self.deployment, self.app_name))
+        return create_app(fleet, self.runtime.text_model, self.runtime.tokenizer,
+                          access=AccessPolicy.from_settings(self.settings), served_by=self.replica_id)
 
     # --- the session API ---------------------------------------------------------------------------
 

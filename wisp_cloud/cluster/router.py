@@ -1,33 +1,48 @@
 """The verifier deployment's Ray Serve request router: session affinity by id, new work placed by load.
 
-Ray Serve calls `choose_replicas` for every request a handle sends to the verifier deployment. A request
-keyed by a session id (`handle.options(session_id=...)`) goes to the replica named in the id; if that
+Ray Serve calls `choose_replicas` for every request sent to the verifier deployment: by Serve's HTTP proxy
+(keyed by the request's `x-session-id` header) and by the replicas' handles to each other. A request
+keyed by a session id (the header, or `handle.options(session_id=...)`) goes to the replica named in the id; if that
 replica is gone (killed, out of memory, scaled down) it goes wherever load says, and that replica answers
 as for an unknown session, which makes the edge resend its committed tokens. A request keyed `@<replica>`
 (health, metrics) goes to that replica only; one keyed `!<replicas>` (a new session they refused) to
 any other. Anything else (a new session, a centralized request) is
-ranked by `placement.rank` over the load each replica reports every `STATS_PERIOD_S`.
+ranked by `placement.rank` over the load each replica reports every `placement.STATS_PERIOD_S`.
 
-One router lives in each process holding a handle (the ingress); `routers()` lets that process list the
-replicas its router currently sees.
+One router lives in each process that routes (the proxy, each replica); `routers()` lets a replica list
+the replicas its router currently sees.
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from wisp_cloud.cluster.placement import TARGET_PREFIX, ReplicaLoad, avoided, owner_of, rank
 
-STATS_PERIOD_S = 0.5
+
 PLACED_METHODS = frozenset({"create_session", "decode"})
+HTTP_CALL = "__call__"
 
 _ROUTERS: dict[str, "SessionRouter"] = {}
 
 
 def routers() -> list["SessionRouter"]:
     return list(_ROUTERS.values())
+
+
+def adds_work(request: PendingRequest) -> bool:
+    """Whether a request placed by load brings new work (a session, a centralized request): a replica's own
+    method of that kind, or an HTTP POST from Serve's proxy (a GET for health or metrics adds none)."""
+    method = request.metadata.call_method
+    if method != HTTP_CALL:
+        return method in PLACED_METHODS
+    try:  # the proxy's request: its pickled ASGI scope (Ray Serve 2.60's StreamingHTTPRequest)
+        return pickle.loads(request.args[0]).asgi_scope.get("method") == "POST"
+    except Exception:  # noqa: BLE001  (another Ray's format: count it, as before)
+        return True
 
 
 class SessionRouter(RequestRouter):
@@ -59,7 +74,12 @@ class SessionRouter(RequestRouter):
         loads = {rid: self._fresh_load(rid, r.routing_stats) for rid, r in by_id.items() if rid not in skip}
         if not loads:
             return []
-        return [[by_id[rid] for rid in group] for group in rank(loads, self._placed)]
+        ranked = rank(loads, self._placed)
+        if adds_work(pending_request):
+            # Counted as placed now, not when routed: Ray Serve reports a routed request only on its strict
+            # queue-length path, and a burst between two load reports must spread.
+            self._placed[ranked[0][0]] = self._placed.get(ranked[0][0], 0) + 1
+        return [[by_id[rid] for rid in group] for group in ranked]
 
     def _fresh_load(self, replica: str, stats) -> ReplicaLoad:
         load = ReplicaLoad.of(stats)
@@ -67,11 +87,6 @@ class SessionRouter(RequestRouter):
             self._report_at[replica] = load.at
             self._placed[replica] = 0
         return load
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        metadata = pending_request.metadata
-        if metadata.call_method in PLACED_METHODS and owner_of(metadata.session_id) is None:
-            self._placed[replica_id.unique_id] = self._placed.get(replica_id.unique_id, 0) + 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
