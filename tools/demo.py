@@ -3,15 +3,18 @@
 Starts `wisp-cloud serve` on a free port (it prints its one-screen summary), runs
 `wisp-edge generate` against it (the Q4_1 drafter on one core, verification over HTTP), then asks the
 same server to answer alone (`/v1/chat/completions`, centralized mode) and checks that the
-speculative answer is identical under greedy decoding. Extra arguments go to `wisp-edge generate`.
+speculative answer is identical under greedy decoding. Extra arguments go to `wisp-edge generate`;
+`--results FILE` (the demo's own) writes both runs' figures to FILE as JSON.
 
-    python tools/demo.py [--drafter student -k 3] [--temperature 0.8 --seed 1]
+    python tools/demo.py [--drafter student -k 3] [--temperature 0.8 --seed 1] [--results FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -43,7 +46,24 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> No
         raise SystemExit(f"the verifier was not ready after {timeout_s:.0f} s")
 
 
+def write_results(path: Path | None, edge: dict, alone: dict | None) -> None:
+    if path is None:
+        return
+    stats = edge["stats"]
+    figures = {"question": QUESTION, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "wisp": {k: stats.get(k) for k in ("new_tokens", "tokens_per_s", "rounds", "drafted", "accepted",
+                                                  "cloud_rounds", "ahead_ready_rounds")},
+               "alone": alone}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"{'results written to':>26}: {path}")
+
+
 def main(argv: list[str]) -> int:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--results", type=Path, default=None)
+    options, argv = own.parse_known_args(argv)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     threads = max(1, (os.cpu_count() or 2) - 1)  # one core stays with the edge's drafter
@@ -77,7 +97,10 @@ def main(argv: list[str]) -> int:
             print("== the same server decoding alone (centralized mode, /v1/chat/completions):")
             print(f"{text}\n{'target alone tokens/s':>26}: {tokens / elapsed:.2f}")
             print(f"{'identical to target alone':>26}: {text == speculative}")
+            write_results(options.results, edge_result, {"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2),
+                                                         "identical": text == speculative})
             return 0 if text == speculative else 1
+        write_results(options.results, edge_result, None)
         return 0
     finally:
         server.terminate()
