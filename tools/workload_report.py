@@ -7,7 +7,8 @@ shipped drafters' acceptance on them (the rounds tools/collect_traces.py --set p
 
 Per category and drafter: acceptance rate (accepted / drafted tokens that were judged: a block's tokens up
 to and including its first rejection), mean accepted per round and tokens per round (accepted + the
-target's own token), at the trace's fixed draft length k. Light: a tokenizer and two gzip files.
+target's own token), at the trace's fixed draft length k; over all rounds and over drafting rounds only
+(the others are cloud rounds, one token each, while the drafter prefills the prompt). Light: a tokenizer and two gzip files.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ def acceptance_by_category(drafter: str) -> tuple[dict, dict]:
         drafted = np.array([d for d, _ in rs])
         accepted = np.array([a for _, a in rs])
         judged = np.minimum(drafted, accepted + 1)
-        out[category] = {"rounds": len(rs), "acceptance_rate": round(float(accepted.sum() / judged.sum()), 3),
+        drafting = drafted > 0  # the others are cloud rounds: the verifier decodes while the drafter prefills
+        out[category] = {"rounds": len(rs), "cloud_rounds": int((~drafting).sum()),
+                         "acceptance_rate": round(float(accepted.sum() / judged.sum()), 3),
                          "mean_accepted": round(float(accepted.mean()), 2),
-                         "tokens_per_round": round(float(accepted.mean() + 1), 2)}
+                         "tokens_per_round": round(float(accepted.mean() + 1), 2),
+                         "tokens_per_drafting_round": round(float(accepted[drafting].mean() + 1), 2)
+                         if drafting.any() else None}
     return out, header
 
 
