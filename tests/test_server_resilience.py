@@ -87,9 +87,13 @@ def test_overload_refuses_new_sessions_with_retry_after_and_serves_admitted_ones
 
         verify, *opens = asyncio.run(burst())
         statuses = [r.status_code for r in opens]
-        assert 429 in statuses and 201 in statuses, statuses
+        # Which newcomers get in depends on how the burst interleaves with the queued work (the verify may be
+        # queued first, then all twelve are refused); that some are refused with a Retry-After is certain.
+        assert 429 in statuses and set(statuses) <= {201, 429}, statuses
         for r in opens:
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "overloaded"
         assert verify.status_code == 200, verify.text  # an admitted session is never refused for load
         assert _metric(server.url, "wisp_rejected_requests_total") >= 1
+        with httpx.Client(base_url=server.url, timeout=60) as http:  # once the burst has drained, newcomers get in
+            assert http.post("/v1/sessions", json={"prompt_ids": prompt}).status_code == 201
