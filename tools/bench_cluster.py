@@ -9,8 +9,10 @@ Sections:
               equal on both: overhead = cluster round trip - direct round trip, p50 and p99; every round
               names its session in the x-session-id header, as the edge client does
   throughput  the shipped target, one torch thread per replica: CLIENTS sessions in a closed loop of verify
-              rounds (4 drafted tokens) for SECONDS against the single-process server, then against 2
-              replicas, twice each, alternating; aggregate rounds per second and their ratio
+              rounds (4 drafted tokens) for SECONDS against the single-process server, against two plain
+              single-process servers with half the clients each (no Ray: the machine's ceiling for two
+              verifiers), and against 2 replicas, twice each, alternating; aggregate rounds per second
+              and their ratios to the single process
   failover    in the 2-replica cluster, sessions mid-answer through the edge's `HttpVerifier`; one replica
               SIGKILLed: the time from the kill to each affected session's next committed token (its
               client hears 404, reopens the session from its committed tokens elsewhere, and retries)
@@ -113,6 +115,23 @@ async def closed_loop(url: str, clients: int, seconds: float) -> float:
         return sum(counts) / (time.monotonic() - t0)
 
 
+def two_plain_processes(work: Path, clients: int, seconds: float) -> float:
+    """The machine's own ceiling for two verifiers: two single-process servers, no Ray, half the clients
+    each, driven at the same time (what two replicas could reach if routing cost nothing)."""
+    servers = [start(["--kv-budget-mb", "512"], work / f"plain-{i}.log", 1) for i in range(2)]
+    half = [clients // 2, clients - clients // 2]
+
+    async def both(duration: float) -> float:
+        return sum(await asyncio.gather(*(closed_loop(s.url, n, duration) for s, n in zip(servers, half))))
+
+    try:
+        asyncio.run(both(2.0))  # warm-up
+        return asyncio.run(both(seconds))
+    finally:
+        for server in servers:
+            server.stop()
+
+
 # --- failover ------------------------------------------------------------------------------------------
 
 def failover(cluster: LiveServer, sessions: int, rounds_after: int) -> dict:
@@ -196,10 +215,14 @@ def main() -> int:
     finally:
         direct.stop()
 
-    rates: dict[str, list[float]] = {"1_process": [], "2_replicas": []}
+    rates: dict[str, list[float]] = {"1_process": [], "2_processes": [], "2_replicas": []}
     for _ in range(2):
-        for name, replicas in (("1_process", 1), ("2_replicas", 2)):
-            server = start(["--kv-budget-mb", "512"], work / f"{name}.log", replicas)
+        for name in rates:
+            if name == "2_processes":
+                rates[name].append(two_plain_processes(work, opts.clients, seconds))
+                print(name, round(rates[name][-1], 1), "rounds/s", flush=True)
+                continue
+            server = start(["--kv-budget-mb", "512"], work / f"{name}.log", 2 if name == "2_replicas" else 1)
             try:
                 asyncio.run(closed_loop(server.url, opts.clients, 2.0))  # warm-up
                 rates[name].append(asyncio.run(closed_loop(server.url, opts.clients, seconds)))
@@ -209,11 +232,12 @@ def main() -> int:
                     print("failover", json.dumps(result["failover"]), flush=True)
             finally:
                 server.stop()
-    one, two = statistics.median(rates["1_process"]), statistics.median(rates["2_replicas"])
+    median = {name: statistics.median(values) for name, values in rates.items()}
     result["throughput"] = {"model": "SmolLM2-135M-Instruct (shipped target), float32, 1 torch thread per replica",
                             "clients": opts.clients, "seconds": seconds, "draft_tokens": 4,
                             "rounds_per_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
-                            "ratio_2_over_1": round(two / one, 2)}
+                            "ratio_2_over_1": round(median["2_replicas"] / median["1_process"], 2),
+                            "ceiling_2_processes_over_1": round(median["2_processes"] / median["1_process"], 2)}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -67,6 +67,12 @@ class ServeSettings(BaseSettings):
     max_replicas: int | None = Field(None, ge=1, description="autoscaling: most replicas (unset: a fixed --replicas)")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling: requests in flight per replica "
                                                                   "that Ray Serve aims for")
+    upscale_delay_s: float = Field(30.0, ge=0, description="autoscaling: how long the load must stay above target "
+                                                           "before a replica is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="autoscaling: how long the load must stay below target "
+                                                              "before a replica is drained and removed")
+    autoscale_look_back_s: float = Field(30.0, gt=0, description="autoscaling: window the requests in flight are "
+                                                                 "averaged over")
     log_format: Literal["text", "json"] = Field("text", description="server log lines as text or JSON")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log threshold")
 
