@@ -51,8 +51,9 @@ def _later(seconds: float, action) -> threading.Thread:
 def test_network_faults_and_an_eviction_cost_latency_never_tokens(tmp_path, profile_path, q4_pair,
                                                                   target_model):
     bytes_per_token = target_model.kv_bytes_per_token
+    # --kv-keep-active-s 0: a session between two rounds may be evicted for a newcomer, so one can be forced.
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", "8", "--kv-block-tokens",
-                    "16", "--log-level", "warning", log_path=tmp_path / "log") as server, \
+                    "16", "--kv-keep-active-s", "0", "--log-level", "warning", log_path=tmp_path / "log") as server, \
             FaultProxy(server.port) as proxy:
         prompt = q4_pair.chat_prompt_ids(QUESTION)
         want = _undisturbed(server.url, q4_pair, prompt)

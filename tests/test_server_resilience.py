@@ -29,9 +29,11 @@ def _engine(url, pair, k=4):
 
 
 def test_an_evicted_session_resends_its_tokens_and_loses_none(tmp_path, profile_path, q4_pair, target_model):
-    # Blocks of 16 tokens and room for ~90: a second session's prefill evicts the idle first one.
+    # Blocks of 16 tokens and room for ~90: a second session's prefill evicts the idle first one (which
+    # --kv-keep-active-s 0 allows at once; by default a session used in the last 5 s keeps its KV).
     with LiveServer("--threads", "1", "--profile", str(profile_path), "--kv-budget-mb", "4",
-                    "--kv-block-tokens", "16", "--log-level", "warning", log_path=tmp_path / "log") as server:
+                    "--kv-block-tokens", "16", "--kv-keep-active-s", "0", "--log-level", "warning",
+                    log_path=tmp_path / "log") as server:
         prompt_a = q4_pair.chat_prompt_ids("What is the capital of France?")
         # long enough that both cannot fit, however little of A's cache its rounds so far have grown
         prompt_b = q4_pair.chat_prompt_ids("Name a large animal that lives in the ocean, say where it lives, what "

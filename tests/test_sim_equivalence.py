@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from tests.tiny_models import tiny_target  # noqa: E402
 from tools.sim.server import ServerSettings, SimCache, SimServer  # noqa: E402
 from tools.sim.server_profile import ForwardModel, ServerProfile  # noqa: E402
-from wisp_cloud.admission import Limits, Load, refusal, too_long  # noqa: E402
+from wisp_cloud.admission import ACTIVE_WINDOW_S, Limits, Load, refusal, too_long  # noqa: E402
 from wisp_cloud.dispatch import Dispatcher  # noqa: E402
 from wisp_cloud.estimator import Margin, TimeEstimator  # noqa: E402
 from wisp_cloud.generate import generate  # noqa: E402
@@ -64,21 +64,21 @@ class Close:
 SCRIPT = [  # (time s, steps arriving together, in this order)
     (0.0, [Open("a", 40, 5.0), Open("b", 30, 10.0), Open("c", 60, None), Open("d", 20, 8.0)]),
     (1.0, [Round("a", 4, 2), Round("b", 6, 6), Round("d", 3, 0)]),
-    (2.0, [Open("e", 50, 5.0)]),  # a quiet server: the least recently used idle session makes room
-    (3.0, [Round("a", 4, 4), Round("b", 4, 1), Round("e", 5, 3), Open("f", 20, 8.0)]),
-    (4.0, [Round("b", 8, 8), Round("e", 8, 2), Round("d", 2, 2)]),
-    (10.0, [Round("d", 3, 1), Open("g", 20, 8.0)]),  # e and b idle for 6 s: out of the active window
-    (11.0, [Close("d"), Open("h", 8, 4.0), Open("i", 8, None), Open("j", 8, 4.0), Open("k", 8, None),
+    (7.0, [Round("d", 2, 1), Open("e", 50, 5.0)]),  # a and b idle for 6 s: the least recently used makes room
+    (8.0, [Round("a", 4, 4), Round("b", 4, 1), Round("e", 5, 3), Open("f", 20, 8.0)]),
+    (9.0, [Round("b", 8, 8), Round("e", 8, 2), Round("d", 2, 2)]),
+    (15.0, [Round("d", 3, 1), Open("g", 20, 8.0)]),  # e and b idle for 6 s: out of the active window
+    (16.0, [Close("d"), Open("h", 8, 4.0), Open("i", 8, None), Open("j", 8, 4.0), Open("k", 8, None),
             Open("l", 8, 4.0)]),
-    (12.0, [Round("g", 4, 3), Round("h", 2, 1), Round("i", 2, 2), Round("j", 2, 0), Round("e", 3, 3)]),
+    (17.0, [Round("g", 4, 3), Round("h", 2, 1), Round("i", 2, 2), Round("j", 2, 0), Round("e", 3, 3)]),
 ]
 
 
 EXPECTED_OUTCOMES = [
     ["ok", "ok", "kv_full", "ok"],  # c: a's and b's queued prefills have reserved what is free
     ["ok", "ok", "ok"],
-    ["ok"],  # e: a quiet server evicts the least recently used idle session (a) for it
-    ["session_evicted", "ok", "ok", "kv_full"],  # f: under load, d (used 2 s ago) keeps its KV
+    ["ok", "ok"],  # e: a, idle for 6 s, is evicted for it (d's round is queued: d keeps its KV)
+    ["session_evicted", "ok", "ok", "kv_full"],  # f: b, d and e, used within the active window, keep theirs
     ["ok", "ok", "ok"],
     ["ok", "ok"],  # g: b and e, idle for 6 s, make room
     ["ok", "ok", "ok", "ok", "ok", "overloaded"],  # j and k take the slots of idle b and e; l: 4 jobs queued
@@ -290,6 +290,23 @@ def test_only_rounds_bound_by_the_token_rate_count_toward_attainment():
     assert dispatch.slo.attainment(late) == (1.0, 0)
     assert dispatch.finish(job("verify"), session, 4, late) is False
     assert dispatch.slo.attainment(late) == (0.0, 1)
+
+
+def test_an_empty_queue_does_not_hand_a_recent_sessions_kv_to_a_newcomer():
+    """A session between two rounds keeps its KV against newcomers even at an instant when nothing is
+    queued (its edge is drafting); only once it has been idle for ACTIVE_WINDOW_S may a newcomer take it."""
+    ledger = KVLedger(budget_bytes=4 * 4 * 2, bytes_per_token=2, block_tokens=4)  # 4 blocks of 4 tokens
+    sessions = SessionTable()
+    dispatch = Dispatcher(FcfsScheduler(), TimeEstimator(), ledger, sessions, Limits(8, 1000.0, 8),
+                          max_batch_tokens=256, max_draft=8)
+    held = SessionRecord("held", "speculative", slo_rate=4.0, first_token_time=0.0, last_used=10.0)
+    sessions.add(held)
+    ledger.add("held", SimCache(capacity=ledger.planned_capacity(0, 12)))  # 3 of the 4 blocks
+    assert len(dispatch) == 0  # nothing queued: the old rule called this a quiet server and took held's KV
+    refused, _ = dispatch.admission(10.0 + ACTIVE_WINDOW_S / 2, prompt_tokens=7)
+    assert refused is not None and refused.code == "kv_full"
+    refused, _ = dispatch.admission(10.0 + ACTIVE_WINDOW_S + 0.1, prompt_tokens=7)
+    assert refused is None  # idle past the window: it makes room (and resends its tokens when it returns)
 
 
 def test_the_ledger_reserves_queued_growth_and_evicts_the_least_recent_unkept():

@@ -78,7 +78,7 @@ class Dispatcher:
         def kept(session_id: Hashable) -> bool:
             session = self.sessions.lookup(session_id)
             return session is not None and session is not drop and \
-                keeps_kv(session.busy, now - session.last_used, depth > 0)
+                keeps_kv(session.busy, now - session.last_used, self.limits.keep_active_s)
 
         # Memory: what queued jobs will take is spoken for; what sessions in use hold is out of reach.
         available = self.ledger.free_bytes + self.ledger.evictable_bytes(kept) - self.ledger.reserved_bytes

@@ -44,6 +44,9 @@ class ServeSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
     ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
     kv_budget_mb: float | None = Field(None, gt=0, description="KV pool size (default: 1 GiB CPU, half the free GPU)")
+    kv_keep_active_s: float = Field(5.0, ge=0, description="a session used this recently keeps its KV against "
+                                                           "newcomers (its edge is drafting between rounds); 0: "
+                                                           "any idle session may be evicted for one")
     kv_block_tokens: int = Field(16, ge=1, description="KV block size (tokens): the unit of allocation and of "
                                  "prefix caching")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")

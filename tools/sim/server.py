@@ -48,6 +48,7 @@ class ServerSettings:
     max_queue: int = 1024
     max_backlog_ms: float = 2000.0
     kv_block_tokens: int = 64
+    kv_keep_active_s: float = 5.0
     admission: bool = True
 
 
