@@ -32,6 +32,11 @@ def _running(url: str) -> list[dict]:
     return [r for r in httpx.get(f"{url}/health", timeout=30).json()["replicas"] if r["state"] == "running"]
 
 
+def _exactly(url: str, count: int) -> list[dict] | None:
+    running = _running(url)
+    return running if len(running) == count else None
+
+
 def _wait(predicate, what: str, timeout_s: float = 120.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -91,7 +96,7 @@ def test_load_adds_a_replica_and_a_drained_one_costs_no_token(tmp_path):
         for client in clients:
             client.start()
         try:
-            both = _wait(lambda: (lambda r: r if len(r) == 2 else None)(_running(live.url)), "a second replica")
+            both = _wait(lambda: _exactly(live.url, 2), "a second replica")
             added = next(r["id"] for r in both if r["id"] != first[0]["id"])
             _wait(lambda: added in _replicas_answering(live.url), "the proxy to route to the new replica")
         finally:
@@ -104,8 +109,7 @@ def test_load_adds_a_replica_and_a_drained_one_costs_no_token(tmp_path):
         assert set(holders) == {r["id"] for r in both}, holders  # newcomers went to both, the new one included
 
         # No load now: after the down-scale delay (4 s) Ray drains one replica and removes it.
-        left = _wait(lambda: (lambda r: r if len(r) == 1 else None)(_running(live.url)), "the scale-down",
-                     timeout_s=180)
+        left = _wait(lambda: _exactly(live.url, 1), "the scale-down", timeout_s=180)
         for i, stream in enumerate(streams):
             got[i] += [t.id for t in stream]
         assert got == want  # the answers of the target alone

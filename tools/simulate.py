@@ -89,7 +89,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default="wisp")
     p.add_argument("--devices", type=int, default=50)
     p.add_argument("--slo", type=float, help="one SLO class for --run and the goodput experiment "
-                                                     "(default: the mix 2/4/6/8)")
+                                             "(default: the mix 2/4/6/8)")
     return p.parse_args(argv)
 
 

@@ -8,7 +8,8 @@ shipped drafters' acceptance on them (the rounds tools/collect_traces.py --set p
 Per category and drafter: acceptance rate (accepted / drafted tokens that were judged: a block's tokens up
 to and including its first rejection), mean accepted per round and tokens per round (accepted + the
 target's own token), at the trace's fixed draft length k; over all rounds and over drafting rounds only
-(the others are cloud rounds, one token each, while the drafter prefills the prompt). Light: a tokenizer and two gzip files.
+(the others are cloud rounds, one token each, while the drafter prefills the prompt). Light: a tokenizer
+and two gzip files.
 """
 
 from __future__ import annotations

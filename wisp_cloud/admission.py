@@ -92,7 +92,7 @@ def refusal(load: Load, limits: Limits) -> Refusal | None:
     return None
 
 
-def keeps_kv(busy: bool, idle_s: float, keep_active_s: float = ACTIVE_WINDOW_S) -> bool:
+def keeps_kv(busy: bool, idle_s: float, keep_active_s: float) -> bool:
     """Whether a session's KV is out of a newcomer's reach: it is mid-answer, or it was used within
     keep_active_s (`--kv-keep-active-s`, ACTIVE_WINDOW_S by default), so its edge is drafting the next
     block or the round trip is on the wire. Older idle sessions make room; they resend their tokens when

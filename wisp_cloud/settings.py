@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from wisp_cloud.admission import ACTIVE_WINDOW_S
 from wisp_edge.wire.options import DraftOptions
 from wisp_edge.wire.paths import TARGET, models_dir
 
@@ -44,9 +45,10 @@ class ServeSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
     ssl_keyfile: Path | None = Field(None, description="the certificate's private key (PEM)")
     kv_budget_mb: float | None = Field(None, gt=0, description="KV pool size (default: 1 GiB CPU, half the free GPU)")
-    kv_keep_active_s: float = Field(5.0, ge=0, description="a session used this recently keeps its KV against "
-                                                           "newcomers (its edge is drafting between rounds); 0: "
-                                                           "any idle session may be evicted for one")
+    kv_keep_active_s: float = Field(ACTIVE_WINDOW_S, ge=0,
+                                    description="a session used this recently keeps its KV against newcomers (its "
+                                                "edge is drafting between rounds); 0: any idle session may be "
+                                                "evicted for one")
     kv_block_tokens: int = Field(16, ge=1, description="KV block size (tokens): the unit of allocation and of "
                                  "prefix caching")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")

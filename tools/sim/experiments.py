@@ -160,9 +160,10 @@ def capacity_experiment(cfg: SimConfig, systems=MAIN_SYSTEMS, slos=SLO_CLASSES, 
 
 def goodput_experiment(cfg: SimConfig, devices: int, systems=MAIN_SYSTEMS, seeds: int = 1,
                        table: list | None = None) -> tuple[dict, list]:
-    """Every system at the same load (the workload's SLO classes: the mix 2/4/6/8, or one): goodput and what explains it, one row per
-    system and seed; the goodput reported is the median over seeds, and `table` (if given) gets one row per
-    system with the median and interval of goodput and attainment (stats.median_ci)."""
+    """Every system at the same load (the workload's SLO classes: the mix 2/4/6/8, or one): goodput and what
+    explains it, one row per system and seed; the goodput reported is the median over seeds, and `table`
+    (if given) gets one row per system with the median and interval of goodput and attainment
+    (stats.median_ci)."""
     goodput, rows = {}, []
     for system in systems:
         mine = [goodput_run(replace(cfg, seed=seed), devices, system) for seed in range(cfg.seed, cfg.seed + seeds)]

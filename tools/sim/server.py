@@ -28,7 +28,7 @@ import numpy as np
 import simpy
 
 from tools.sim.server_profile import ForwardModel, ServerProfile
-from wisp_cloud.admission import Limits
+from wisp_cloud.admission import ACTIVE_WINDOW_S, Limits
 from wisp_cloud.dispatch import Dispatcher
 from wisp_cloud.kv_ledger import KVLedger
 from wisp_cloud.scheduler import INF, VerifyJob, VerifyScheduler
@@ -48,7 +48,7 @@ class ServerSettings:
     max_queue: int = 1024
     max_backlog_ms: float = 2000.0
     kv_block_tokens: int = 64
-    kv_keep_active_s: float = 5.0
+    kv_keep_active_s: float = ACTIVE_WINDOW_S
     admission: bool = True
 
 

@@ -49,8 +49,8 @@ def verifier_options(settings: ServeSettings) -> dict:
                "request_router_config": RequestRouterConfig(request_router_class=ROUTER,
                                                             request_routing_stats_period_s=STATS_PERIOD_S,
                                                             request_routing_stats_timeout_s=5.0),
-               "logging_config": serve_logging(settings), "graceful_shutdown_timeout_s": DRAIN_S, "health_check_period_s": 2.0,
-               "health_check_timeout_s": 30.0}
+               "logging_config": serve_logging(settings), "graceful_shutdown_timeout_s": DRAIN_S,
+               "health_check_period_s": 2.0, "health_check_timeout_s": 30.0}
     if settings.max_replicas is not None:
         low = settings.min_replicas or 1
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": settings.max_replicas,
