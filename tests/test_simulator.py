@@ -209,6 +209,27 @@ def test_seeded_sweep_reports_median_and_interval_rows():
     assert len(seeds) == 3 and row["ci_low"] == min(seeds) <= cap["wisp"]["8"] == row["median"] <= row["ci_high"]
 
 
+def test_heterogeneous_workload_gives_each_class_its_own_prompts():
+    wl = ex.HETERO_WORKLOAD
+    rng = np.random.default_rng(0)
+    docs = [wl.prompt_tokens(0, k, rng, 2.0) for k in range(200)]
+    chats = [wl.prompt_tokens(0, k, rng, 8.0) for k in range(200)]
+    assert min(docs) >= ex.DOCUMENT_PROMPTS.lo and np.median(docs) > 1000
+    assert np.median(chats) < 300
+    assert sorted(rate for rate, _ in wl.slo_mix) == [2.0, 8.0]
+    assert wl.with_slo(None) is wl
+
+
+def test_hetero_experiment_reports_capacity_of_the_mix_and_each_class_per_load():
+    cfg = replace(SMALL, workload=replace(TINY, output=Lengths(32, 0.2, 16, 48)))
+    table, rows = ex.hetero_experiment(cfg, (4,), ("wisp", "wisp_fcfs"), seeds=2, tol=0.3, guess=4)
+    got = {(r["system"], r["quantity"], r["devices"]) for r in table}
+    for system in ("wisp", "wisp_fcfs"):
+        assert (system, "capacity", "") in got
+        assert {(system, q, 4) for q in ("goodput", "attainment", "attainment_8", "attainment_2")} <= got
+    assert all(r["slo"] == "mix" for r in rows)
+
+
 def test_a_fixed_closed_loop_on_one_shared_core_is_the_load_tests_system():
     """tools/validate.py's setup: each device sends exactly its requests, prompts replayed in the load test's
     order, and drafting on one shared core takes turns, so four devices draft slower than four cores would."""

@@ -49,7 +49,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="reduced sweep (capacity + goodput) in under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--experiment", default="all",
-                   help="capacity | goodput | burst | rtt | server | levers | all (comma-separated), or crossover "
+                   help="capacity | goodput | burst | rtt | server | levers | all (comma-separated); hetero (not in "
+                        "all: 8 tok/s chats beside 2 tok/s long documents, --hetero-loads); or crossover "
                         "(not in all: WISP's capacity ratios across context, RTT and acceptance; setup paper-kv, "
                         "out docs/results/crossover by default)")
     p.add_argument("--setup", choices=sorted(ex.SETUPS), help="default: paper (quick: ours)")
@@ -62,6 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, help="capacity search resolution (relative); default 0.05 (quick 0.15)")
     p.add_argument("--goodput-devices", type=int, help="the fixed load of the goodput experiment")
     p.add_argument("--burst-base", type=int, help="base devices of the burst experiment")
+    p.add_argument("--hetero-loads", help="hetero: the fixed loads (devices), comma-separated")
     p.add_argument("--rtts", type=_floats, default=(5, 10, 20, 40, 80, 160, 320))
     p.add_argument("--rtt-slo", type=float, default=8.0)
     p.add_argument("--axes", help=f"crossover: which axes (default {','.join(cx.AXES)}); a run of some points "
@@ -208,6 +210,19 @@ def main(argv=None) -> int:
         summary["levers"] = {"slo": 8.0, "capacity": lev}
         write_csv(out / "levers.csv", rows)
         done("levers")
+    if "hetero" in wanted:
+        loads = [int(x) for x in a.hetero_loads.split(",")] if a.hetero_loads else ex.HETERO_LOADS[a.setup]
+        table, rows = ex.hetero_experiment(cfg, loads, systems, a.seeds, a.attainment, tol,
+                                           ex.CAPACITY_GUESS.get(a.setup, 32) // 2)
+        summary["hetero"] = {"workload": ex.HETERO_WORKLOAD.name, "loads": loads,
+                             **{f"{r['system']}/{r['quantity']}" + (f"@{r['devices']}" if r["devices"] != "" else ""):
+                                [r["median"], r["ci_low"], r["ci_high"]] for r in table}}
+        write_csv(out / "hetero_runs.csv", rows)
+        write_csv(out / "hetero.csv", [{"workload": ex.HETERO_WORKLOAD.name, **r} for r in table])
+        if not a.no_plots:
+            plots.hetero(table, out / "hetero.png", f"heterogeneous blocks ({a.setup}): 8 tok/s chats, 2 tok/s "
+                         f"documents\nmedian of {a.seeds} seeds, bars: interval")
+        done("hetero")
     if "crossover" in wanted:
         summary["crossover"] = crossover(a, cfg, out, command)
         done("crossover")

@@ -69,6 +69,45 @@ class TimedPolicy:
         self._timed(self.inner.observe, *args)
 
 
+class OracleStop:
+    """A stop rule with hindsight, for this bench only: it knows the target's greedy answer and what the
+    drafter proposes at each position of it, so it drafts exactly the tokens that will be accepted (up to
+    k_max) and never one that will be rejected, except a block's first (a rule decides only after a token
+    is drafted). No stop rule can do better on these prompts, so it bounds what a better predictor could
+    gain over SLED's threshold."""
+
+    def __init__(self, drafter, k_max: int) -> None:
+        self.drafter, self.k_max = drafter, k_max
+        self.answers: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self.prompt: list[int] = []
+
+    def learn(self, prompt: list[int], answer: list[int]) -> None:
+        """The drafter's own proposal at every position of the target's answer (teacher forcing)."""
+        self.drafter.reset(prompt)
+        proposals = []
+        for token in answer:
+            proposals.append(int(np.argmax(self.drafter.logits())))
+            self.drafter.append(token)
+        self.answers[tuple(prompt)] = (list(answer), proposals)
+
+    def start(self, prompt: list[int]) -> None:
+        self.prompt = list(prompt)
+
+    def max_draft(self) -> int:
+        return self.k_max
+
+    def stop_after(self, index, logits, q) -> bool:
+        answer, proposals = self.answers[tuple(self.prompt)]
+        sequence = self.drafter.tokens
+        j = len(sequence) - len(self.prompt) - 1  # the answer position of the token just drafted
+        if index + 1 >= self.k_max or j + 1 >= len(answer) or sequence[-1] != answer[j]:
+            return True
+        return proposals[j + 1] != answer[j + 1]  # the next draft would be rejected: send now
+
+    def observe(self, *args) -> None:
+        pass
+
+
 @dataclass
 class PolicyResult:
     tokens_per_s: float
@@ -77,9 +116,10 @@ class PolicyResult:
     controller_us_per_token: float
     tokens: int
     outputs: list[list[int]] = field(repr=False)
+    rounds: list = field(repr=False, default_factory=list)  # every RoundStats, in order
 
     def row(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "outputs"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "rounds")}
 
 
 def drafting_speed(drafter, prompt: list[int], n: int = 32) -> float:
@@ -115,26 +155,31 @@ def delayed_backend(settings, extra_rtt_ms: float) -> HttpVerifier:
 
 
 def run_policy(agent, policy_name: str, extra_rtt_ms: float, prompts: list[list[int]], tokens: int,
-               *, k_max: int = 16, fixed_k: int = 4, draft_ahead: bool = True) -> PolicyResult:
+               *, k_max: int = 16, fixed_k: int = 4, draft_ahead: bool = True,
+               oracle: OracleStop | None = None) -> PolicyResult:
+    """`policy_name` "oracle" runs `oracle` (it must have learnt every prompt's answer)."""
     backend = delayed_backend(agent.settings, extra_rtt_ms)
-    new = wasted_ms = rounds = 0
+    new = wasted_ms = 0
     wall = 0.0
-    outputs = []
+    outputs, rounds = [], []
     # One controller across the prompts, as an agent keeps it: its estimates carry over.
-    policy = TimedPolicy(make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
+    policy = TimedPolicy(oracle if policy_name == "oracle" else
+                         make_policy(policy_name, agent.drafter, k_max=k_max, draft_length=fixed_k))
     try:
         for prompt in prompts:
+            if policy_name == "oracle":
+                oracle.start(prompt)
             engine = agent.engine(policy=policy, backend=backend, draft_ahead=draft_ahead)
             outputs.append([t.id for t in engine.generate(prompt, max_new_tokens=tokens)])
             s = engine.stats
             new += s.new_tokens
             wall += s.wall_s
-            rounds += len(s.rounds)
+            rounds += s.rounds
             wasted_ms += sum(r.wasted_drafting_ms for r in s.rounds)
     finally:
         backend.close()
-    return PolicyResult(round(new / wall, 2), round(wasted_ms / new, 2), round(new / max(rounds, 1), 2),
-                        round(policy.seconds / new * 1e6, 1), new, outputs)
+    return PolicyResult(round(new / wall, 2), round(wasted_ms / new, 2), round(new / max(len(rounds), 1), 2),
+                        round(policy.seconds / new * 1e6, 1), new, outputs, rounds)
 
 
 def _pooled(runs: list[PolicyResult]) -> dict:
@@ -171,6 +216,8 @@ def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: in
     drafting during verification, listed as `name` and `name+ahead`, with the tok/s ratio of the two.
     `repeats`: each policy runs this many times per round trip, the policies in a rotated order each
     time (so none always runs first or last), and the row gives the median tokens/s.
+    Policy "oracle" is the stop rule with hindsight (`OracleStop`): the target's answers come from an
+    untimed run of the first other policy.
     """
     variants = {"on": [True], "off": [False], "both": [False, True]}[draft_ahead]
     info = agent.connect()
@@ -179,6 +226,13 @@ def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: in
         rtt = base_rtt_ms(http)
     speed = drafting_speed(agent.drafter, prompt_ids[0])
     warm_up(agent, prompt_ids, tokens)
+    oracle = None
+    if "oracle" in policies:
+        others = [p for p in policies if p != "oracle"] or ["fixed"]
+        answers = run_policy(agent, others[0], 0.0, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k).outputs
+        oracle = OracleStop(agent.drafter, k_max)
+        for prompt, answer in zip(prompt_ids, answers):
+            oracle.learn(prompt, answer)
     report: dict = {"server": agent.settings.server, "model": info["model"], "drafter": agent.drafter.name,
                     "drafting_tokens_per_s": round(speed, 1), "base_rtt_ms": round(rtt, 2), "prompts": prompts,
                     "tokens": tokens, "repeats": repeats, "results": {}, "lossless": True}
@@ -193,7 +247,8 @@ def bench(agent, *, extra_rtts_ms: list[float], policies: list[str], prompts: in
         for repeat in range(repeats):
             shift = repeat % len(labels)
             for name, ahead, label in labels[shift:] + labels[:shift]:
-                r = run_policy(agent, name, extra, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k, draft_ahead=ahead)
+                r = run_policy(agent, name, extra, prompt_ids, tokens, k_max=k_max, fixed_k=fixed_k, draft_ahead=ahead,
+                               oracle=oracle)
                 reference = reference or r.outputs
                 if r.outputs != reference:
                     report["lossless"] = False

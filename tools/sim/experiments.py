@@ -42,6 +42,7 @@ SETUPS = {
 }
 GOODPUT_DEVICES = {"paper": 120, "paper-kv": 60, "ours": 40, "ours-student": 30}  # near the systems' capacities at the mix
 CAPACITY_GUESS = {"paper": 96, "paper-kv": 64, "ours": 24, "ours-student": 16}  # where each search starts (2 tok/s)
+HETERO_LOADS = {"paper": (30, 45, 60, 75), "paper-kv": (10, 20, 30), "ours": (6, 9, 12, 16), "ours-student": (4, 6, 8)}
 BURST_BASE = {"paper": 40, "paper-kv": 20, "ours": 8, "ours-student": 6}
 MAIN_SYSTEMS = ("wisp", "centralized", "sled_fixed", "sled_confidence", "wisp_no_predictor", "wisp_fcfs")
 
@@ -72,10 +73,12 @@ def quick(cfg: SimConfig) -> SimConfig:
 
 # --- capacity -------------------------------------------------------------------------------------------------
 
-def capacity_search(cfg: SimConfig, system: str, slo: float, threshold: float, guess: int, *, tol: float = 0.05,
-                    max_devices: int = 4000, rows: list | None = None) -> int:
+def capacity_search(cfg: SimConfig, system: str, slo: float | None, threshold: float, guess: int, *,
+                    tol: float = 0.05, max_devices: int = 4000, rows: list | None = None) -> int:
     """The most devices with SLO attainment >= threshold: bracket from `guess` (x1.5 steps), then bisect until
-    the bracket is within `tol` of the answer. Every run uses the same seed (common random numbers)."""
+    the bracket is within `tol` of the answer. Every run uses the same seed (common random numbers). `slo`
+    None keeps the workload's own mix of classes (attainment over all of them)."""
+    label = "mix" if slo is None else f"{slo:g}"
     seen: dict[int, float] = {0: 1.0}
 
     def passes(n: int) -> bool:
@@ -84,11 +87,11 @@ def capacity_search(cfg: SimConfig, system: str, slo: float, threshold: float, g
                                    early_stop_below=threshold, window_s=0.0))
             seen[n] = run.summary["attainment"]
             if rows is not None:
-                rows.append({"system": system, "slo": slo, "seed": cfg.seed, "devices": n,
+                rows.append({"system": system, "slo": label, "seed": cfg.seed, "devices": n,
                              "attainment": round(seen[n], 4),
                              "goodput": round(run.summary["goodput"], 1), "wall_s": round(run.wall_s, 2),
                              "truncated": run.truncated})
-            log(f"  {system:<18} slo {slo:g}  {n:>5} devices: attainment {seen[n]:.3f}  ({run.wall_s:.1f} s)")
+            log(f"  {system:<18} slo {label}  {n:>5} devices: attainment {seen[n]:.3f}  ({run.wall_s:.1f} s)")
         return seen[n] >= threshold
 
     lo, hi = 0, None
@@ -241,6 +244,44 @@ def burst_experiment(cfg: SimConfig, base: int, multipliers=(2.0, 3.0, 4.0), sys
 
 def _share(recs) -> float | None:
     return round(sum(r.met for r in recs) / len(recs), 4) if recs else None
+
+
+# --- heterogeneous blocks ----------------------------------------------------------------------------------------
+
+DOCUMENT_PROMPTS = Lengths(1536, 0.3, 768, 3072)  # long documents to read (summaries, extraction, code review)
+HETERO_WORKLOAD = replace(PUBLIC, slo_mix=((8.0, 0.5), (2.0, 0.5)), prompt_by_slo=((2.0, DOCUMENT_PROMPTS),),
+                          name="heterogeneous: half 8 tok/s chats (" + PUBLIC.name.split(" (")[0] + "), half "
+                               "2 tok/s documents (prompts log-normal, median 1,536 tokens); answers log-normal "
+                               "(median 160)")
+
+
+def hetero_experiment(cfg: SimConfig, loads, systems=("wisp", "wisp_fcfs"), seeds: int = 5, threshold: float = 0.9,
+                      tol: float = 0.08, guess: int = 64) -> tuple[list, list]:
+    """Light and heavy verifications in the same batches: half the devices chat at 8 tokens/s (short prompts,
+    a few draft tokens on a short context each round), half read long documents at 2 tokens/s (a cold
+    prefill of ~1.5k tokens, then verify blocks over a long context). Batched first come, first served, a
+    heavy job sets the batch time and drags the tight ones past their deadlines: the interference the
+    SLO-aware scheduler is for. Per system: the capacity of the mix (attainment over both classes) and, at
+    each fixed load, goodput and each class's attainment; medians over seeds with their interval."""
+    cfg = replace(cfg, workload=HETERO_WORKLOAD)
+    table: list[dict] = []
+    rows: list[dict] = []
+    for system in systems:
+        found = [capacity_search(replace(cfg, seed=seed), system, None, threshold, guess, tol=tol, rows=rows)
+                 for seed in range(cfg.seed, cfg.seed + seeds)]
+        table.append({"system": system, "quantity": "capacity", "devices": "", **median_ci(found).row(),
+                      "per_seed": " ".join(map(str, found))})
+        log(f"hetero capacity {system}: {found}")
+        for n in loads:
+            runs = [goodput_run(replace(cfg, seed=seed), n, system) for seed in range(cfg.seed, cfg.seed + seeds)]
+            rows += [{"system": system, "slo": "mix", **r} for r in runs]
+            for quantity in ("goodput", "attainment", "attainment_8", "attainment_2", "queue_ms_per_round"):
+                values = [r[quantity] for r in runs if r.get(quantity) is not None]
+                if values:
+                    table.append({"system": system, "quantity": quantity, "devices": n,
+                                  **median_ci(values).row(1 if quantity in ("goodput", "queue_ms_per_round") else 3),
+                                  "per_seed": " ".join(f"{v:g}" for v in values)})
+    return table, rows
 
 
 # --- RTT ------------------------------------------------------------------------------------------------------

@@ -154,3 +154,26 @@ def crossover(rows: list, crossings: list, labels: dict, log_x: dict, path: Path
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def hetero(table: list, path: Path, title: str) -> Path:
+    """Heterogeneous blocks: each class's SLO attainment against the load (median, interval bars), per system."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in sorted({r["system"] for r in table}):
+        for quantity, style in (("attainment_8", "-o"), ("attainment_2", "--s")):
+            mine = sorted((r for r in table if r["system"] == system and r["quantity"] == quantity),
+                          key=lambda r: r["devices"])
+            if not mine:
+                continue
+            xs = [r["devices"] for r in mine]
+            ys = [r["median"] for r in mine]
+            err = [[y - r["ci_low"] for y, r in zip(ys, mine)], [r["ci_high"] - y for y, r in zip(ys, mine)]]
+            ax.errorbar(xs, ys, yerr=err, fmt=style, color=COLORS.get(system), capsize=2, lw=1,
+                        label=f"{system}: {quantity.split('_')[1]} tok/s class")
+    ax.axhline(0.9, color="k", lw=0.5, ls=":")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -169,8 +169,9 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
         k = 0
         while env.now < end and (cfg.requests_per_device is None or k < cfg.requests_per_device):
             rng = np.random.default_rng([cfg.seed, i, k, 5])
-            rec = RequestRecord(i, dev.profile.name, k, wl.slo_of(rng), is_measured(k, env.now), env.now,
-                                wl.prompt_tokens(i, k, rng), wl.output.sample(rng))
+            slo = wl.slo_of(rng)
+            rec = RequestRecord(i, dev.profile.name, k, slo, is_measured(k, env.now), env.now,
+                                wl.prompt_tokens(i, k, rng, slo), wl.output.sample(rng))
             records.append(rec)
             watched = rec.measured or env.now < watch_until
             if watched:

@@ -48,16 +48,22 @@ class Workload:
     name: str = "synthetic chat lengths"  # where the lengths come from, named in every results file
     replayed_prompts: tuple[tuple[int, ...], ...] = ()  # a real run's prompt lengths, per device in request order
     # (device i mod len, request k mod its count); empty: drawn from `prompt`
+    prompt_by_slo: tuple[tuple[float, Lengths], ...] = ()  # classes whose prompts come from their own lengths
+    # (heterogeneous requests: e.g. long documents at a loose rate beside short chats at a tight one)
 
-    def prompt_tokens(self, device: int, k: int, rng: np.random.Generator) -> int:
+    def prompt_tokens(self, device: int, k: int, rng: np.random.Generator, slo: float | None = None) -> int:
         drawn = self.prompt.sample(rng)  # drawn even when replayed: the rng stream stays the same
+        own = next((lengths for rate, lengths in self.prompt_by_slo if rate == slo), None)
+        if own is not None:
+            return own.sample(rng)
         if not self.replayed_prompts:
             return drawn
         mine = self.replayed_prompts[device % len(self.replayed_prompts)]
         return mine[k % len(mine)]
 
-    def with_slo(self, rate: float) -> "Workload":
-        return replace(self, slo_mix=((rate, 1.0),))
+    def with_slo(self, rate: float | None) -> "Workload":
+        """One SLO class for every request; None keeps the workload's own mix."""
+        return self if rate is None else replace(self, slo_mix=((rate, 1.0),))
 
     def slo_of(self, rng: np.random.Generator) -> float:
         u, acc = rng.random(), 0.0
