@@ -209,6 +209,20 @@ def test_seeded_sweep_reports_median_and_interval_rows():
     assert len(seeds) == 3 and row["ci_low"] == min(seeds) <= cap["wisp"]["8"] == row["median"] <= row["ci_high"]
 
 
+def test_a_ttft_limit_makes_a_late_first_token_a_miss_whatever_the_rate_after_it():
+    from tools.sim.metrics import RequestRecord
+
+    def answered(first_after_s: float, limit: float = math.inf) -> RequestRecord:
+        rec = RequestRecord(0, "pi5", 0, 8.0, True, 10.0, 64, 17, ttft_limit_s=limit)
+        rec.t_first, rec.t_last, rec.tokens = 10.0 + first_after_s, 10.0 + first_after_s + 1.0, 17  # 16 tok/s
+        return rec
+
+    assert answered(20.0).met  # the paper's SLO: the rate from the first token on
+    assert answered(4.0, limit=5.0).met and not answered(20.0, limit=5.0).met
+    cfg = replace(SMALL, max_ttft_s=0.0)  # no first token is instantaneous: nothing meets the SLO
+    assert simulate(replace(cfg, system="wisp")).summary["attainment"] == 0.0
+
+
 def test_heterogeneous_workload_gives_each_class_its_own_prompts():
     wl = ex.HETERO_WORKLOAD
     rng = np.random.default_rng(0)

@@ -53,6 +53,8 @@ class SimConfig:
     admission: bool = True
     online_refit: bool = True
     early_stop_below: float | None = None  # stop once attainment below this is certain (capacity searches)
+    max_ttft_s: float | None = None  # None: the paper's SLO, a rate from the first token on, however late it
+    # came; a number: a request whose first token comes later misses its SLO (admission cannot buy capacity)
     drafter_prefill: str = "cloud"  # our engine: the verifier decodes meanwhile; "sequential": the device waits;
     # what-ifs: "overlapped" with the server's prefill; "free"
     draft_ahead: bool = False  # the engine's default is on (drafting during verification); the published sweeps
@@ -171,7 +173,8 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
             rng = np.random.default_rng([cfg.seed, i, k, 5])
             slo = wl.slo_of(rng)
             rec = RequestRecord(i, dev.profile.name, k, slo, is_measured(k, env.now), env.now,
-                                wl.prompt_tokens(i, k, rng, slo), wl.output.sample(rng))
+                                wl.prompt_tokens(i, k, rng, slo), wl.output.sample(rng),
+                                ttft_limit_s=math.inf if cfg.max_ttft_s is None else cfg.max_ttft_s)
             records.append(rec)
             watched = rec.measured or env.now < watch_until
             if watched:
