@@ -464,6 +464,29 @@ def test_a_prefill_starts_the_slo_clock_so_it_neither_jumps_the_queue_nor_binds_
     assert ids(sched.form_batch(0.1, BIG, BIG)) == ["loose", "resume"]  # SLO jobs first, then best effort
 
 
+def test_a_prefill_that_waited_its_ttft_budget_goes_first():
+    """Best effort, a prefill waits behind on-time verifies for as long as they keep coming; with
+    `prefill_wait_s` one queued that long leads the next batch, and verify jobs join it only where their
+    deadlines allow. A prefill still within its budget waits as before."""
+    est = estimator()
+    sched = WispScheduler(est, prefill_wait_s=0.5)
+    sched.submit(job(job_id="prompt", deadline=0.010, new=300, cached=0, kind="prefill", arrival=0.0))
+    sched.submit(job(job_id="tight", deadline=0.62, arrival=0.59))
+    sched.submit(job(job_id="light", deadline=5.0, arrival=0.59))
+    batch = sched.form_batch(0.6, BIG, BIG)
+    assert ids(batch) == ["prompt", "light"] and batch.predicted_finish > 0.62  # tight would miss: it waits
+    young = WispScheduler(est, prefill_wait_s=0.5)
+    for j in (job(job_id="prompt", deadline=0.010, new=300, cached=0, kind="prefill", arrival=0.4),
+              job(job_id="tight", deadline=0.62, arrival=0.59)):
+        young.submit(j)
+    assert ids(young.form_batch(0.6, BIG, BIG)) == ["tight"]  # within its budget a prefill waits as before
+    off = WispScheduler(est)  # the default: prefills are best effort however long they waited
+    for j in (job(job_id="prompt", deadline=0.010, new=300, cached=0, kind="prefill", arrival=0.0),
+              job(job_id="tight", deadline=0.62, arrival=0.59)):
+        off.submit(j)
+    assert ids(off.form_batch(0.6, BIG, BIG)) == ["tight"]
+
+
 def test_whoever_must_start_before_the_next_decision_is_urgent():
     """After a long batch the next decision comes late: a job whose S falls before then is urgent now, served
     earliest deadline first, rather than demoted at the next decision for having missed S meanwhile."""

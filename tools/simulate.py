@@ -65,6 +65,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--burst-base", type=int, help="base devices of the burst experiment")
     p.add_argument("--max-ttft-s", type=float, help="a request whose first token comes later than this misses its "
                    "SLO (default: none, the paper's SLO: a rate from the first token on, however late it came)")
+    p.add_argument("--prefill-wait-s", type=float, help="the WISP scheduler's --prefill-wait-s: a prefill queued "
+                   "this long goes first (default: off, prefills are best effort)")
     p.add_argument("--hetero-loads", help="hetero: the fixed loads (devices), comma-separated")
     p.add_argument("--rtts", type=_floats, default=(5, 10, 20, 40, 80, 160, 320))
     p.add_argument("--rtt-slo", type=float, default=8.0)
@@ -115,6 +117,8 @@ def base_config(a: argparse.Namespace):
         cfg = replace(cfg, coefficients=(None, None, None, a.c3))
     if a.max_ttft_s is not None:
         cfg = replace(cfg, max_ttft_s=a.max_ttft_s)
+    if a.prefill_wait_s is not None:
+        cfg = replace(cfg, prefill_wait_s=a.prefill_wait_s)
     if a.slo:
         cfg = replace(cfg, workload=cfg.workload.with_slo(a.slo))
     cfg = ex.quick(cfg) if a.quick else cfg
@@ -278,7 +282,7 @@ def _describe(cfg) -> dict:
         "inf" if math.isinf(cfg.kv_budget_gb) else cfg.kv_budget_gb), "fleet": cfg.fleet, "network": cfg.network,
         "acceptance": cfg.acceptance, "coefficients": cfg.coefficients, "drafter_prefill": cfg.drafter_prefill,
         "draft_ahead": cfg.draft_ahead, "measure_requests": cfg.measure_requests, "workload": cfg.workload_name,
-        "max_ttft_s": cfg.max_ttft_s,
+        "max_ttft_s": cfg.max_ttft_s, "prefill_wait_s": cfg.prefill_wait_s,
         "prompt": vars(wl.prompt) if isinstance(wl.prompt, Lengths) else "public sets' lengths "
         "(tools/sim/profiles/public_prompt_tokens.json)", "output": vars(wl.output),
         "think_s": wl.think_s, "warmup_s": cfg.warmup_s, "window_s": cfg.window_s}

@@ -49,6 +49,10 @@ class ServeSettings(BaseSettings):
                                     description="a session used this recently keeps its KV against newcomers (its "
                                                 "edge is drafting between rounds); 0: any idle session may be "
                                                 "evicted for one")
+    prefill_wait_s: float | None = Field(None, gt=0,
+                                         description="WISP policy: a prefill or resume queued this long goes first "
+                                                     "(a bound on time to first token); default: none, prefills are "
+                                                     "best effort")
     kv_block_tokens: int = Field(16, ge=1, description="KV block size (tokens): the unit of allocation and of "
                                  "prefix caching")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")

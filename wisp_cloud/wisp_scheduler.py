@@ -146,6 +146,8 @@ class WispScheduler:
       - finish' <= D_j for every SLO job j in B' that is not late (a best-effort or late x's own deadline
         is ignored, but it may never push the batch past anyone else's).
     So a prefill joins a batch only where it delays no verify job past its deadline, or when it is alone.
+    With `prefill_wait_s` (off by default) a prefill or resume queued that long goes first instead, so a
+    newcomer's first token is not held back for as long as on-time verifies keep arriving.
     The first job of a batch is exempt from the token and deadline checks (never idle with work queued:
     a lone job cannot be helped by waiting); only memory binds it, so an empty batch with work queued
     means nothing fits the free memory.
@@ -157,8 +159,9 @@ class WispScheduler:
     """
 
     def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010, max_refusals: int = 64,
-                 demote_after_s: float = INF) -> None:
+                 demote_after_s: float = INF, prefill_wait_s: float = INF) -> None:
         self.estimator = estimator
+        self.prefill_wait_s = prefill_wait_s  # a prefill or resume queued this long goes first (a TTFT budget)
         self.demote_after_s = demote_after_s
         self.max_refusals = max_refusals
         self.urgent_horizon_s = urgent_horizon_s
@@ -262,11 +265,21 @@ class WispScheduler:
         longest_solo_s = self.estimator.with_margin(self.estimator.c0 + self._by_cost[-1][0]) / 1000.0 \
             if self._by_cost else 0.0
         last_urgent_deadline = horizon + longest_solo_s
+        # Best effort, a prefill could wait behind on-time verifies for as long as they keep coming (seconds to
+        # a first token under load); one that has waited `prefill_wait_s` goes first, and the batch's verify
+        # jobs join it only where their deadlines allow.
+        if self.prefill_wait_s != INF:
+            for arrival, seq in self._best_effort:
+                if builder.full or arrival > now - self.prefill_wait_s:
+                    break
+                entry = self._by_seq[seq]
+                if entry.job.kind in CLOCK_STARTERS:
+                    builder.add(entry)
         for deadline, seq in self._by_deadline:
             if builder.full or deadline > last_urgent_deadline:
                 break
             entry = self._by_seq[seq]
-            if entry.start <= horizon:
+            if entry.start <= horizon and seq not in builder.taken:
                 builder.add(entry)
         for ordered in (self._by_density, self._best_effort):
             refused = 0  # per pass: SLO jobs refused by a deadline say nothing of whether best effort fits

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from wisp_cloud.estimator import TimeEstimator
@@ -51,9 +53,9 @@ SYSTEMS = {s.name: s for s in (
 SLED_VARIANTS = ("sled_fixed", "sled_confidence")
 
 
-def make_scheduler(system: System, estimator: TimeEstimator) -> VerifyScheduler:
+def make_scheduler(system: System, estimator: TimeEstimator, prefill_wait_s: float | None = None) -> VerifyScheduler:
     if system.server == "wisp":
-        return WispScheduler(estimator)
+        return WispScheduler(estimator, prefill_wait_s=math.inf if prefill_wait_s is None else prefill_wait_s)
     if system.server == "fcfs":
         return FcfsScheduler(max_batch_jobs=FCFS_MAX_BATCH, max_wait_s=FCFS_MAX_WAIT_S, estimator=estimator)
     if system.server == "continuous":
