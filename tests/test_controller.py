@@ -175,6 +175,19 @@ def test_shipped_weights_match_only_their_drafter(tmp_path):
     assert load_predictor_for(FileDrafter(resolve_drafter_path("student")), tmp_path).drafter == "student"
 
 
+def test_the_predictor_policy_is_the_stop_rule_alone_on_sleds_footing():
+    """`predictor` is the stop rule without the adaptive bound or its draft-on override, k_max 8 like
+    `sled`, so the edge bench compares the two rules and nothing else; `wisp` wraps it in the bound."""
+    from wisp_edge.controller.policy import Controller, make_policy
+
+    drafter = FileDrafter(resolve_drafter_path("student"))
+    alone = make_policy("predictor", drafter)
+    assert isinstance(alone, PredictorPolicy) and alone.max_draft() == 8 and alone.min_worthwhile == 1.0
+    assert make_policy("sled", drafter).max_draft() == 8
+    wrapped = make_policy("wisp", drafter)
+    assert isinstance(wrapped, Controller) and isinstance(wrapped.stop_rule, PredictorPolicy)
+
+
 PROMPTS = ["Explain what a hash table is in two sentences.", "Write a haiku about the sea."]
 MAX_NEW = 32
 

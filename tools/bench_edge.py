@@ -6,7 +6,8 @@ over emulated network round trips, with the real verifier on loopback and the re
 It starts `wisp-cloud serve` on a free loopback port, then runs `wisp-edge bench` (`wisp_edge/bench.py`)
 for each drafter: per emulated RTT and policy, tokens/s, wasted drafting time per token, tokens per
 round and the controller's own time per token. Policies: `wisp` (rejection predictor inside the
-adaptive bound), `fixed` (k = --fixed-k), `sled` (confidence 0.5, k_max 8), and on request `oracle`
+adaptive bound), `fixed` (k = --fixed-k), `sled` (confidence 0.5, k_max 8), and on request `predictor`
+(the rejection predictor alone, k_max 8: the stop rule on `sled`'s footing) and `oracle`
 (`--policies wisp,sled,oracle`): a stop rule with hindsight that drafts exactly the tokens the target will
 accept, the ceiling any stop rule could reach. Greedy: every policy must give the same tokens; the exit
 status is 1 if one does not.

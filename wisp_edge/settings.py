@@ -38,7 +38,8 @@ class EdgeSettings(BaseSettings, DraftOptions):
     n_ctx: int = Field(4096, ge=64, description="drafter context (tokens)")
     policy: Literal[POLICIES] = Field(
         "wisp", description="speculation controller; wisp: rejection predictor (or its fallback) + adaptive bound; "
-                            "sled: confidence 0.5, k_max 8; fixed: always draft_length")
+                            "sled: confidence 0.5, k_max 8; predictor: the rejection predictor alone, k_max 8; "
+                            "fixed: always draft_length")
     k_max: int = Field(16, ge=1, description="the longest draft the controller may choose")
     slo_tokens_per_s: float | None = Field(None, gt=0, description="the rate to ask the verifier for",
                                            json_schema_extra={"cli_flags": ("--slo",)})

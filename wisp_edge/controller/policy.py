@@ -4,6 +4,8 @@
   confidence fallback) stops each draft, inside `DraftBound`, the length that maximises committed
   tokens per unit time given the measured RTT, drafting speed, acceptance and server feedback.
 - `sled`: the SLED baseline, confidence threshold 0.5 with k_max 8, no feedback.
+- `predictor`: this drafter's rejection predictor alone with k_max 8, no bound and no feedback: the stop
+  rule on the same footing as `sled`, to compare the two rules and nothing else.
 - `fixed`: always `draft_length` tokens (SLED's fixed-length variant).
 - `confidence` / `entropy`: the training-free rules alone, inside the adaptive bound.
 """
@@ -19,7 +21,7 @@ from wisp_edge.controller.predictor import ConfidencePolicy, EntropyPolicy, poli
 from wisp_edge.engine import DraftPolicy, FixedLength
 from wisp_edge.wire.protocol import VerifyReply
 
-POLICIES = ("wisp", "sled", "fixed", "confidence", "entropy")
+POLICIES = ("wisp", "sled", "predictor", "fixed", "confidence", "entropy")
 
 
 @dataclass
@@ -57,6 +59,8 @@ def make_policy(name: str, drafter, *, k_max: int = 16, draft_length: int = 6) -
         return FixedLength(draft_length)
     if name == "sled":
         return ConfidencePolicy(threshold=0.5, k_max=8)
+    if name == "predictor":
+        return policy_for(drafter, k_max=8)
     if name == "wisp":
         return Controller(policy_for(drafter, k_max=k_max), DraftBound(k_max=k_max))
     if name == "confidence":
