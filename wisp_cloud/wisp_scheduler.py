@@ -279,7 +279,7 @@ class WispScheduler:
             if builder.full or deadline > last_urgent_deadline:
                 break
             entry = self._by_seq[seq]
-            if entry.start <= horizon and seq not in builder.taken:
+            if entry.start <= horizon:
                 builder.add(entry)
         for ordered in (self._by_density, self._best_effort):
             refused = 0  # per pass: SLO jobs refused by a deadline say nothing of whether best effort fits

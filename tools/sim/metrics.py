@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
