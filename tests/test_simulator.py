@@ -212,7 +212,7 @@ def test_seeded_sweep_reports_median_and_interval_rows():
 def test_a_ttft_limit_makes_a_late_first_token_a_miss_whatever_the_rate_after_it():
     from tools.sim.metrics import RequestRecord
 
-    def answered(first_after_s: float, limit: float = math.inf) -> RequestRecord:
+    def answered(first_after_s: float, limit: float | None = None) -> RequestRecord:
         rec = RequestRecord(0, "pi5", 0, 8.0, True, 10.0, 64, 17, ttft_limit_s=limit)
         rec.t_first, rec.t_last, rec.tokens = 10.0 + first_after_s, 10.0 + first_after_s + 1.0, 17  # 16 tok/s
         return rec

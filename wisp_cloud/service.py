@@ -31,7 +31,7 @@ from wisp_cloud.estimator import FEATURE_NAMES, TimeEstimator
 from wisp_cloud.kv_pool import KVPool
 from wisp_cloud.metrics import Metrics
 from wisp_cloud.model.transformer import Transformer
-from wisp_cloud.scheduler import INF, FcfsScheduler, VerifyScheduler
+from wisp_cloud.scheduler import FcfsScheduler, VerifyScheduler
 from wisp_cloud.session_table import Session, SessionTable
 from wisp_cloud.settings import ServeSettings
 from wisp_cloud.slo_window import SloWindow
@@ -49,7 +49,7 @@ SWEEP_EVERY_S = 1.0
 
 def make_scheduler(settings: ServeSettings, estimator: TimeEstimator) -> VerifyScheduler:
     if settings.policy == "wisp":
-        return WispScheduler(estimator, prefill_wait_s=settings.prefill_wait_s or INF)
+        return WispScheduler(estimator, prefill_wait_s=settings.prefill_wait_s)
     return FcfsScheduler(max_batch_jobs=settings.fcfs_max_batch, max_wait_s=settings.fcfs_max_wait_ms / 1000,
                          estimator=estimator)
 

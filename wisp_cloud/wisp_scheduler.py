@@ -159,9 +159,9 @@ class WispScheduler:
     """
 
     def __init__(self, estimator: TimeEstimator, *, urgent_horizon_s: float = 0.010, max_refusals: int = 64,
-                 demote_after_s: float = INF, prefill_wait_s: float = INF) -> None:
+                 demote_after_s: float = INF, prefill_wait_s: float | None = None) -> None:
         self.estimator = estimator
-        self.prefill_wait_s = prefill_wait_s  # a prefill or resume queued this long goes first (a TTFT budget)
+        self.prefill_wait_s = prefill_wait_s  # a prefill or resume queued this long goes first (None: never)
         self.demote_after_s = demote_after_s
         self.max_refusals = max_refusals
         self.urgent_horizon_s = urgent_horizon_s
@@ -268,7 +268,7 @@ class WispScheduler:
         # Best effort, a prefill could wait behind on-time verifies for as long as they keep coming (seconds to
         # a first token under load); one that has waited `prefill_wait_s` goes first, and the batch's verify
         # jobs join it only where their deadlines allow.
-        if self.prefill_wait_s != INF:
+        if self.prefill_wait_s is not None:
             for arrival, seq in self._best_effort:
                 if builder.full or arrival > now - self.prefill_wait_s:
                     break

@@ -174,8 +174,7 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
             rng = np.random.default_rng([cfg.seed, i, k, 5])
             slo = wl.slo_of(rng)
             rec = RequestRecord(i, dev.profile.name, k, slo, is_measured(k, env.now), env.now,
-                                wl.prompt_tokens(i, k, rng, slo), wl.output.sample(rng),
-                                ttft_limit_s=math.inf if cfg.max_ttft_s is None else cfg.max_ttft_s)
+                                wl.prompt_tokens(i, k, rng, slo), wl.output.sample(rng), ttft_limit_s=cfg.max_ttft_s)
             records.append(rec)
             watched = rec.measured or env.now < watch_until
             if watched:

@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 
 from wisp_cloud.estimator import TimeEstimator
@@ -55,7 +53,7 @@ SLED_VARIANTS = ("sled_fixed", "sled_confidence")
 
 def make_scheduler(system: System, estimator: TimeEstimator, prefill_wait_s: float | None = None) -> VerifyScheduler:
     if system.server == "wisp":
-        return WispScheduler(estimator, prefill_wait_s=math.inf if prefill_wait_s is None else prefill_wait_s)
+        return WispScheduler(estimator, prefill_wait_s=prefill_wait_s)
     if system.server == "fcfs":
         return FcfsScheduler(max_batch_jobs=FCFS_MAX_BATCH, max_wait_s=FCFS_MAX_WAIT_S, estimator=estimator)
     if system.server == "continuous":
