@@ -75,6 +75,30 @@ def test_the_controller_hands_the_worthwhile_acceptance_to_its_stop_rule():
     assert rule.min_worthwhile >= 0.5 and near.stop_after_stats(0, doubtful)
 
 
+def test_verification_per_token_shortens_the_draft_and_raises_the_worthwhile_acceptance():
+    """On a CPU verifier one more draft token costs about its drafting time again to verify; a bound that
+    prices drafting alone drafts too long (the bench's +100 ms row lost to SLED's threshold that way)."""
+    free, priced = bound(0.55, 1.5, 100, server_ms=50), bound(0.55, 1.5, 100, server_ms=50)
+    priced.token_verify_ms = Ewma(1.5)
+    assert priced.best_k() < free.best_k()
+    assert priced.min_worthwhile_acceptance() > free.min_worthwhile_acceptance()
+    # By hand, k fixed at 1: c = (1.5 + 1.5 + 40 + 10) / 1.5; (1.5 + 1.5) / (0.5 * c).
+    one = bound(0.5, 1.5, 40, k_max=1)
+    one.token_verify_ms = Ewma(1.5)
+    assert one.min_worthwhile_acceptance() == pytest.approx(3.0 / (0.5 * 53.0 / 1.5))
+
+
+def test_the_server_word_on_verification_per_token_is_learned_and_kept_out_of_the_fixed_cost():
+    b = bound(0.8, 2, 20, server_ms=0.0)
+    for _ in range(40):  # 4 tokens at 1.5 ms each on top of a 30 ms batch
+        b.observe(4, 3, drafting_ms=[2] * 4, rtt_ms=56, queue_ms=0, verify_ms=36, suggested=None, token_verify_ms=1.5)
+    assert b.token_verify_ms.value == pytest.approx(1.5)
+    assert b.server_ms.value == pytest.approx(30.0, abs=0.1)
+    # A server that does not say leaves the learned price as it was.
+    b.observe(4, 3, drafting_ms=[2] * 4, rtt_ms=56, queue_ms=0, verify_ms=36, suggested=None, token_verify_ms=None)
+    assert b.token_verify_ms.value == pytest.approx(1.5)
+
+
 def test_policies_by_name(q4_pair):
     assert isinstance(make_policy("fixed", q4_pair.drafter, draft_length=5), FixedLength)
     assert make_policy("sled", q4_pair.drafter).max_draft() == 8

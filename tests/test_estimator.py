@@ -93,6 +93,13 @@ def test_predict_is_the_model():
     assert est.predict([]) == 0.0
 
 
+def test_one_more_draft_token_costs_its_token_row_and_attention_terms_by_hand():
+    est = TimeEstimator(TRUE)
+    # a 4-token block over 500 cached: the fifth token adds c1, c4 and c2 * ((5 * 505) - (4 * 504))
+    assert est.marginal_token_ms(VerifyCost(4, 500)) == pytest.approx(0.03 + 0.05 + 1e-5 * (5 * 505 - 4 * 504))
+    assert est.marginal_token_ms(VerifyCost(4, 4000)) > est.marginal_token_ms(VerifyCost(4, 500))
+
+
 def test_a_batch_priced_member_by_member_costs_what_it_costs_whole():
     """What an incremental batch builder adds up (the intercept, each member's own cost, the layout kept in a
     `LayoutTally`) equals the prediction for the whole batch, whatever the order."""

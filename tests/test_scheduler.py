@@ -487,6 +487,12 @@ def test_a_prefill_that_waited_its_ttft_budget_goes_first():
     assert ids(off.form_batch(0.6, BIG, BIG)) == ["tight"]
 
 
+def test_a_ttft_target_sets_the_prefill_wait_and_an_explicit_wait_wins():
+    assert WispScheduler.prefill_wait_for(None) is None  # only a rate is promised: prefills are best effort
+    assert WispScheduler.prefill_wait_for(5.0) == pytest.approx(1.0)
+    assert WispScheduler.prefill_wait_for(5.0, 0.3) == 0.3 and WispScheduler.prefill_wait_for(None, 0.3) == 0.3
+
+
 def test_whoever_must_start_before_the_next_decision_is_urgent():
     """After a long batch the next decision comes late: a job whose S falls before then is urgent now, served
     earliest deadline first, rather than demoted at the next decision for having missed S meanwhile."""

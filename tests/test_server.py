@@ -179,6 +179,7 @@ def test_refusals_carry_codes_and_reasons(server, http, info, q4_pair):
     assert (a.json()["accepted"], a.json()["token"], a.json()["position"]) == \
         (b.json()["accepted"], b.json()["token"], b.json()["position"])
     assert b.json()["replayed"] and not a.json()["replayed"]
+    assert a.json()["token_ms"] > 0  # what a third draft token would have added: the edge's bound prices it
     assert http.delete(f"/v1/sessions/{sid}").status_code == 204
     refused(http.post(verify, json=block), 404, "unknown_session")
 

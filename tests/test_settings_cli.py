@@ -59,3 +59,15 @@ def test_models_dir_rule(tmp_path, monkeypatch):
     assert paths.source_tree_models(tmp_path) is None  # pip installed it: not a source tree
     monkeypatch.setattr(paths, "source_tree_models", lambda: None)
     assert paths.models_dir() == paths.user_models_dir() and paths.models_dir().parts[-2:] == ("wisp", "models")
+
+
+def test_a_ttft_target_reaches_the_wisp_scheduler_as_its_prefill_wait():
+    from wisp_cloud.estimator import TimeEstimator
+    from wisp_cloud.service import make_scheduler
+
+    est = TimeEstimator((5.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    parser = _serve_parser()
+    settings = ServeSettings(**given(parser.parse_args(["--ttft-slo-s", "5"]), ServeSettings))
+    assert make_scheduler(settings, est).prefill_wait_s == 1.0
+    assert make_scheduler(ServeSettings(ttft_slo_s=5, prefill_wait_s=0.25), est).prefill_wait_s == 0.25
+    assert make_scheduler(ServeSettings(), est).prefill_wait_s is None

@@ -285,3 +285,26 @@ def test_the_validation_simulates_each_real_run_with_its_own_prompts():
     p = point("wisp", 2, [row, {**row, "throughput_tok_s": 30.0}], [(thr, att), (thr, att)])
     assert p["real_throughput"] == 25.0 and p["real_runs"] == 2
     assert p["throughput_rel_error"] == pytest.approx(abs(p["sim_throughput"] - 25.0) / 25.0, abs=1e-3)
+
+
+def test_the_simulated_wisp_server_knows_the_ttft_bound_its_runs_are_judged_by():
+    from tools.sim.systems import SYSTEMS, make_scheduler
+
+    est = TimeEstimator((5.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    assert make_scheduler(SYSTEMS["wisp"], est, None, 5.0).prefill_wait_s == 1.0  # as `serve --ttft-slo-s 5`
+    assert make_scheduler(SYSTEMS["wisp"], est, 0.5, 5.0).prefill_wait_s == 0.5
+    assert make_scheduler(SYSTEMS["wisp"], est).prefill_wait_s is None
+    assert isinstance(make_scheduler(SYSTEMS["wisp_fcfs"], est, None, 5.0), FcfsScheduler)
+
+
+def test_update_keeps_the_systems_not_rerun_in_their_places(tmp_path):
+    from tools.sim.io import with_earlier_systems, write_csv
+
+    path = write_csv(tmp_path / "capacity.csv", [
+        {"system": "wisp", "slo": 4.0, "median": 70}, {"system": "wisp", "slo": 8.0, "median": 27},
+        {"system": "centralized", "slo": 4.0, "median": 21}, {"system": "wisp_fcfs", "slo": 4.0, "median": 54}])
+    rerun = [{"system": "wisp", "slo": 4.0, "median": 73}, {"system": "wisp_fcfs", "slo": 4.0, "median": 55}]
+    merged = with_earlier_systems(path, rerun, ["wisp", "wisp_fcfs"])
+    assert [(r["system"], r["median"]) for r in merged] == [("wisp", 73), ("centralized", 21), ("wisp_fcfs", 55)]
+    assert isinstance(merged[1]["median"], int) and merged[1]["slo"] == 4.0
+    assert with_earlier_systems(tmp_path / "none.csv", rerun, ["wisp"]) == rerun

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from tools.sim import crossover as cx
 from tools.sim import experiments as ex  # noqa: E402
 from tools.sim import plots  # noqa: E402
-from tools.sim.io import write_csv, write_json  # noqa: E402
+from tools.sim.io import with_earlier_systems, write_csv, write_json  # noqa: E402
 from tools.sim.run import simulate  # noqa: E402
 from tools.sim.workload import SLO_CLASSES, Lengths  # noqa: E402
 
@@ -64,9 +64,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--goodput-devices", type=int, help="the fixed load of the goodput experiment")
     p.add_argument("--burst-base", type=int, help="base devices of the burst experiment")
     p.add_argument("--max-ttft-s", type=float, help="a request whose first token comes later than this misses its "
-                   "SLO (default: none, the paper's SLO: a rate from the first token on, however late it came)")
+                   "SLO, and the WISP scheduler knows it (as `wisp-cloud serve --ttft-slo-s`: a prefill waits at most "
+                   "a fifth of it); default: none, the paper's SLO: a rate from the first token on, however late")
     p.add_argument("--prefill-wait-s", type=float, help="the WISP scheduler's --prefill-wait-s: a prefill queued "
-                   "this long goes first (default: off, prefills are best effort)")
+                   "this long goes first (default: a fifth of --max-ttft-s; without one, prefills are best effort)")
     p.add_argument("--hetero-loads", help="hetero: the fixed loads (devices), comma-separated")
     p.add_argument("--rtts", type=_floats, default=(5, 10, 20, 40, 80, 160, 320))
     p.add_argument("--rtt-slo", type=float, default=8.0)
@@ -89,6 +90,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="capacity and goodput: the median over this many seeds, "
                    "with a distribution-free interval (tools/sim/stats.py); --quick: 1")
     p.add_argument("--measure-requests", type=int, help="requests measured per device (setup's default otherwise)")
+    p.add_argument("--update", action="store_true",
+                   help="capacity and goodput: keep the rows of the systems not run now from the CSVs already in "
+                        "--out (re-run some systems after a change; tables, plots and summary show all)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--lock", help="hold this flock during each simulation (e.g. /tmp/wisp_heavy.lock on a shared box)")
     p.add_argument("--run", action="store_true", help="one simulation (--system, --devices, --slo) and its summary")
@@ -163,10 +167,17 @@ def main(argv=None) -> int:
         table: list[dict] = []
         cap, rows = ex.capacity_experiment(cfg, systems, a.slos, a.attainment, tol,
                                            guess=ex.CAPACITY_GUESS.get(a.setup, 32), seeds=a.seeds, table=table)
+        table = [{"workload": cfg.workload_name, **r} for r in table]
+        if a.update:
+            table = with_earlier_systems(out / "capacity.csv", table, cap)
+            rows = with_earlier_systems(out / "capacity_runs.csv", rows, cap)
+            cap = {}
+            for r in table:
+                cap.setdefault(r["system"], {})[f"{float(r['slo']):g}"] = int(r["median"])
         summary["capacity"] = cap
-        summary["capacity_ci"] = {f"{r['system']}@{r['slo']:g}": [r["ci_low"], r["ci_high"]] for r in table}
+        summary["capacity_ci"] = {f"{r['system']}@{float(r['slo']):g}": [r["ci_low"], r["ci_high"]] for r in table}
         write_csv(out / "capacity_runs.csv", rows)
-        write_csv(out / "capacity.csv", [{"workload": cfg.workload_name, **r} for r in table])
+        write_csv(out / "capacity.csv", table)
         write_json(out / "capacity.json", cap)
         if not a.no_plots:
             plots.capacity(cap, out / "capacity.png", f"capacity per SLO class ({a.setup}), median of {a.seeds} "
@@ -176,11 +187,18 @@ def main(argv=None) -> int:
         devices = a.goodput_devices or ex.GOODPUT_DEVICES[a.setup]
         table = []
         good, rows = ex.goodput_experiment(cfg, devices, systems, seeds=a.seeds, table=table)
+        table = [{"workload": cfg.workload_name, **r} for r in table]
+        if a.update:
+            table = with_earlier_systems(out / "goodput.csv", table, good)
+            rows = with_earlier_systems(out / "goodput_runs.csv", rows, good)
+            good = {r["system"]: r["goodput_median"] for r in table}
+            good.update({"sled": max(good[v] for v in ex.SLED_VARIANTS)} if all(v in good for v in ex.SLED_VARIANTS)
+                        else {})
         summary["goodput"] = good
         summary["goodput_ci"] = {r["system"]: [r["goodput_ci_low"], r["goodput_ci_high"]] for r in table}
         summary["goodput_devices"] = devices
         write_csv(out / "goodput_runs.csv", rows)
-        write_csv(out / "goodput.csv", [{"workload": cfg.workload_name, **r} for r in table])
+        write_csv(out / "goodput.csv", table)
         if not a.no_plots:
             classes = f"{a.slo:g} tok/s" if a.slo else "mix 2/4/6/8"
             plots.goodput(good, out / "goodput.png", f"goodput at {devices} devices, SLO {classes} ({a.setup}), "

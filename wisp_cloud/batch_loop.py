@@ -211,7 +211,8 @@ class BatchLoop:
         self.metrics.queue_seconds.observe(queue_ms / 1000.0)
         timing = {"queue_ms": round(queue_ms, 3), "verify_ms": round(measured_ms, 3),
                   "predicted_ms": round(batch.predicted_ms, 3) if batch.predicted_ms is not None else None,
-                  "batch_size": len(batch.jobs), "batch_tokens": batch.new_tokens, "queue_depth": len(self.dispatch)}
+                  "batch_size": len(batch.jobs), "batch_tokens": batch.new_tokens, "queue_depth": len(self.dispatch),
+                  "token_ms": round(self.dispatch.estimator.marginal_token_ms(job.cost), 4)}
         if pending.on_result is not None:
             pending.on_result(pending, result, timing)
         elif not pending.future.done():

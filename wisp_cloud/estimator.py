@@ -234,6 +234,12 @@ class TimeEstimator:
         return (self.c1 * n + self.c2 * n * (n + req.cached_tokens) + self.c3 * req.cached_tokens + self.c4 * req.rows
                 + self.c5)
 
+    def marginal_token_ms(self, req: VerifyCost) -> float:
+        """What one more draft token adds to this request's verification (raw, its own terms): the price an
+        edge pays for drafting on, beside its drafting time (on a CPU verifier about as much again)."""
+        more = VerifyCost(req.new_tokens + 1, req.cached_tokens, req.rows + 1)
+        return self.request_cost_ms(more) - self.request_cost_ms(req)
+
     def layout_ms(self, rows: int, chunk: int, keys: int, tokens: int) -> float:
         """The batch's own terms: its attention layout (`attention_rows`: `rows` of `chunk` queries padded to
         `keys` keys) and its `tokens` new tokens' small-batch cost. A batch builder keeps a `LayoutTally`."""

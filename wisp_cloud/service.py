@@ -49,7 +49,8 @@ SWEEP_EVERY_S = 1.0
 
 def make_scheduler(settings: ServeSettings, estimator: TimeEstimator) -> VerifyScheduler:
     if settings.policy == "wisp":
-        return WispScheduler(estimator, prefill_wait_s=settings.prefill_wait_s)
+        return WispScheduler(estimator, prefill_wait_s=WispScheduler.prefill_wait_for(settings.ttft_slo_s,
+                                                                                       settings.prefill_wait_s))
     return FcfsScheduler(max_batch_jobs=settings.fcfs_max_batch, max_wait_s=settings.fcfs_max_wait_ms / 1000,
                          estimator=estimator)
 

@@ -49,10 +49,14 @@ class ServeSettings(BaseSettings):
                                     description="a session used this recently keeps its KV against newcomers (its "
                                                 "edge is drafting between rounds); 0: any idle session may be "
                                                 "evicted for one")
+    ttft_slo_s: float | None = Field(None, gt=0,
+                                     description="time to first token promised to sessions; the WISP policy lets a "
+                                                 "prefill or resume wait a fifth of it, then serves it first; "
+                                                 "default: none, only the token rate is promised and prefills "
+                                                 "are best effort")
     prefill_wait_s: float | None = Field(None, gt=0,
                                          description="WISP policy: a prefill or resume queued this long goes first "
-                                                     "(a bound on time to first token); default: none, prefills are "
-                                                     "best effort")
+                                                     "(overrides the fifth of ttft_slo_s)")
     kv_block_tokens: int = Field(16, ge=1, description="KV block size (tokens): the unit of allocation and of "
                                  "prefix caching")
     max_batch_tokens: int = Field(2048, ge=1, description="new tokens per batched forward")

@@ -180,7 +180,7 @@ def speculative(env: simpy.Environment, server: SimServer, dev: Device, rec: Req
             if plan.keep_ahead(block.drafted, accepted, started > 0 and guess < len(path) and path.accepted[guess]):
                 ahead_free = started - 1
         result = VerifyReply(accepted, 0, accepted == block.drafted, reply["verify_ms"], reply["queue_ms"],
-                             reply["batch_size"], reply["suggested_max_draft"])
+                             reply["batch_size"], reply["suggested_max_draft"], token_ms=reply["token_ms"])
         plan.observe(rtt_ms, reply["verify_ms"], reply["queue_ms"], block.times_ms)
         policy.observe(block.drafted, accepted, result, rtt_ms, block.times_ms)
         rec.add_round(block.drafted, accepted, block.times_ms, reply["queue_ms"], reply["verify_ms"], rtt_ms,

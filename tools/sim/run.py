@@ -53,7 +53,8 @@ class SimConfig:
     admission: bool = True
     online_refit: bool = True
     early_stop_below: float | None = None  # stop once attainment below this is certain (capacity searches)
-    prefill_wait_s: float | None = None  # the WISP scheduler's TTFT budget for prefills (ServeSettings'); None: off
+    prefill_wait_s: float | None = None  # the WISP scheduler's wait before a prefill goes first; None: a fifth of
+    # max_ttft_s (ServeSettings' ttft_slo_s), or with no TTFT bound best effort
     max_ttft_s: float | None = None  # None: the paper's SLO, a rate from the first token on, however late it
     # came; a number: a request whose first token comes later misses its SLO (admission cannot buy capacity)
     drafter_prefill: str = "cloud"  # our engine: the verifier decodes meanwhile; "sequential": the device waits;
@@ -137,7 +138,7 @@ def simulate(cfg: SimConfig, *, keep_policies: bool = False) -> RunResult:
     profile = load_server_profile(cfg.server, kv_budget_bytes=budget, online_refit=cfg.online_refit,
                                   coefficients=cfg.coefficients)
     env = simpy.Environment()
-    scheduler = make_scheduler(system, profile.estimator, cfg.prefill_wait_s)
+    scheduler = make_scheduler(system, profile.estimator, cfg.prefill_wait_s, cfg.max_ttft_s)
     server = SimServer(env, profile, scheduler, profile.forward_model(cfg.truth), np.random.default_rng([cfg.seed, 1]),
                        ServerSettings(max_batch_tokens=profile.max_batch_tokens, admission=cfg.admission))
     speculative = system.mode == "speculative"

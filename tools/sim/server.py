@@ -208,7 +208,8 @@ class SimServer:
         self.dispatch.finish(job, s, p.accepted, done)
         reply = {"accepted": p.accepted, "queue_ms": max(0.0, (started - job.arrival) * 1000.0),
                  "verify_ms": measured_ms, "batch_size": batch_size,
-                 "suggested_max_draft": self.dispatch.suggested_max_draft()}
+                 "suggested_max_draft": self.dispatch.suggested_max_draft(),
+                 "token_ms": self.estimator.marginal_token_ms(job.cost)}
         p.event.succeed(reply)
         if s.mode == "centralized" and not s.closed:
             if job.kind in ("prefill", "resume"):  # the service's decode() queues the first step itself, once the

@@ -51,9 +51,12 @@ SYSTEMS = {s.name: s for s in (
 SLED_VARIANTS = ("sled_fixed", "sled_confidence")
 
 
-def make_scheduler(system: System, estimator: TimeEstimator, prefill_wait_s: float | None = None) -> VerifyScheduler:
+def make_scheduler(system: System, estimator: TimeEstimator, prefill_wait_s: float | None = None,
+                   ttft_slo_s: float | None = None) -> VerifyScheduler:
+    """The server's scheduler; the WISP one knows the TTFT bound the run is judged by, as `wisp-cloud serve
+    --ttft-slo-s` tells it."""
     if system.server == "wisp":
-        return WispScheduler(estimator, prefill_wait_s=prefill_wait_s)
+        return WispScheduler(estimator, prefill_wait_s=WispScheduler.prefill_wait_for(ttft_slo_s, prefill_wait_s))
     if system.server == "fcfs":
         return FcfsScheduler(max_batch_jobs=FCFS_MAX_BATCH, max_wait_s=FCFS_MAX_WAIT_S, estimator=estimator)
     if system.server == "continuous":

@@ -51,7 +51,8 @@ class Controller:
         self.stop_rule.observe(drafted, accepted, result, rtt_ms, drafting_ms)
         if self.bound is not None:
             self.bound.observe(drafted, accepted, drafting_ms=drafting_ms, rtt_ms=rtt_ms, queue_ms=result.queue_ms,
-                               verify_ms=result.verify_ms, suggested=result.suggested_max_draft)
+                               verify_ms=result.verify_ms, suggested=result.suggested_max_draft,
+                               token_verify_ms=result.token_ms)
 
 
 def make_policy(name: str, drafter, *, k_max: int = 16, draft_length: int = 6) -> DraftPolicy:

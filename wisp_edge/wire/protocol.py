@@ -101,6 +101,8 @@ class VerifyReply:
     batch_tokens: int = 0
     queue_depth: int = 0
     replayed: bool = False
+    token_ms: float | None = Field(None, description="what one more draft token would have added to this round's "
+                                   "verification (the server's estimate): the edge prices drafting on with it")
 
 
 @dataclasses.dataclass
