@@ -116,6 +116,7 @@ class _BatchBuilder:
 
 PREFILL_WAIT_SHARE = 0.2  # of a time-to-first-token target: how long a prefill may wait before it goes first
 
+
 class WispScheduler:
     """SLO-aware batch forming, a greedy stand-in for a deadline-constrained knapsack.
 

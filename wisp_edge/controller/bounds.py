@@ -4,10 +4,10 @@ A round that drafts k tokens commits E(k) = 1 + a + a^2 + ... + a^k tokens on av
 per-token acceptance, each accepted draft plus the target's own token) and takes
 T(k) = k * (t_draft + t_verify) + RTT + queue + verify_0, where t_verify is what one more draft token adds
 to the round's verification (the server says, from its estimator: on a CPU verifier about as much as the
-drafting itself, on a GPU next to nothing) and verify_0 the rest of it. The bound is the k in [1, cap] that maximises E(k) / T(k):
-when the round trip dominates, long drafts pay for themselves and the bound grows; when drafting
-dominates or acceptance is poor, it shrinks. The server's suggested bound (its fair share of the
-batch token budget) caps it when the server is saturated. The stop rule (predictor or confidence)
+drafting itself, on a GPU next to nothing) and verify_0 the rest of it. The bound is the k in [1, cap]
+that maximises E(k) / T(k): when the round trip dominates, long drafts pay for themselves and the bound
+grows; when drafting dominates or acceptance is poor, it shrinks. The server's suggested bound (its fair
+share of the batch token budget) caps it when the server is saturated. The stop rule (predictor or confidence)
 still ends a draft early inside the bound, but `min_worthwhile_acceptance` tells it when drafting
 on through a doubtful token is cheap next to the round trip it may save.
 
